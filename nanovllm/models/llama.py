@@ -1,0 +1,203 @@
+"""The Llama family written once against the op seam; Mistral, Qwen2 and Qwen3 differ only in flags.
+
+Weights are held fused: q/k/v as one [(Hq + 2 Hkv) * D, H] matrix and gate/up as one [2F, H]
+matrix, so each layer makes three matmuls instead of six.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanovllm.backends.base import Array, AttentionMetadata, Backend
+from nanovllm.errors import ModelLoadError
+from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.rope import rope_cos_sin
+
+KVCache = tuple[Array, Array]
+
+
+@dataclass(slots=True)
+class DecoderLayer:
+    input_norm: Array
+    qkv: Array
+    qkv_bias: Array | None
+    q_norm: Array | None
+    k_norm: Array | None
+    o_proj: Array
+    post_norm: Array
+    gate_up: Array
+    down: Array
+
+
+class LlamaForCausalLM:
+    qkv_bias = False  # Qwen2 sets True
+    qk_norm = False  # Qwen3 sets True
+
+    def __init__(self, config: ModelConfig, backend: Backend, max_positions: int) -> None:
+        self.config = config
+        self.backend = backend
+        self.use_qkv_bias = self.qkv_bias or config.qkv_bias
+        self.use_qk_norm = self.qk_norm or config.qk_norm
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        table = rope_cos_sin(config.head_dim, config.rope_theta, max_positions, config.rope_scaling)
+        self.cos_sin = backend.asarray(table, np.float32)
+        self.layers: list[DecoderLayer] = []
+        self.embed_tokens: Array = None
+        self.norm: Array = None
+        self.lm_head: Array = None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self, input_ids: Array, positions: Array, meta: AttentionMetadata, kv_caches: list[KVCache]
+    ) -> Array:
+        """Hidden states [T, H] after the final norm, for every token of the flat batch."""
+        ops, eps = self.backend, self.config.rms_norm_eps
+        hidden = ops.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
+            hidden = self._attention(layer, x, positions, meta, k_cache, v_cache)
+            x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual)
+            hidden = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
+        hidden, _ = ops.rms_norm(hidden, self.norm, eps, residual)
+        return hidden
+
+    def compute_logits(self, hidden: Array) -> Array:
+        """[R, H] -> [R, vocab]; called only on rows that need a next token."""
+        return self.backend.linear(hidden, self.lm_head)
+
+    def _attention(self, layer, x, positions, meta, k_cache, v_cache) -> Array:
+        ops, cfg = self.backend, self.config
+        num_tokens, head_dim = x.shape[0], cfg.head_dim
+        qkv = ops.linear(x, layer.qkv, layer.qkv_bias)
+        q_size, kv_size = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
+        q = qkv[:, :q_size].reshape(num_tokens, cfg.num_heads, head_dim)
+        k = qkv[:, q_size : q_size + kv_size].reshape(num_tokens, cfg.num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size :].reshape(num_tokens, cfg.num_kv_heads, head_dim)
+        if self.use_qk_norm:
+            q, _ = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+            k, _ = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q, k = ops.rotary(q, k, positions, self.cos_sin)
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return ops.linear(out.reshape(num_tokens, q_size), layer.o_proj)
+
+    # ---- weights ---------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Take Hugging Face-named tensors one at a time, fusing each layer's groups as they complete."""
+        pending: list[dict[str, np.ndarray]] = [{} for _ in range(self.config.num_layers)]
+        done: list[DecoderLayer | None] = [None] * self.config.num_layers
+        top: dict[str, np.ndarray] = {}
+        for name, tensor in weights:
+            if name.startswith("model.layers."):
+                index, key = _split_layer_name(name)
+                if index >= len(pending):
+                    raise ModelLoadError(
+                        f"checkpoint has tensor {name} but the config has {len(pending)} layers"
+                    )
+                pending[index][key] = tensor
+                if self._layer_complete(pending[index]):
+                    done[index] = self._build_layer(index, pending[index])
+                    pending[index] = {}
+            elif not name.endswith("rotary_emb.inv_freq"):
+                top[name] = tensor
+        self._finish(done, pending, top)
+
+    def _layer_keys(self) -> list[str]:
+        keys = [
+            "input_layernorm.weight", "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        ]  # fmt: skip
+        if self.use_qkv_bias:
+            keys += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if self.use_qk_norm:
+            keys += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        return keys
+
+    def _layer_complete(self, tensors: dict[str, np.ndarray]) -> bool:
+        return all(key in tensors for key in self._layer_keys())
+
+    def _build_layer(self, index: int, t: dict[str, np.ndarray]) -> DecoderLayer:
+        cfg = self.config
+        q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        expect = {
+            "self_attn.q_proj.weight": (q_rows, cfg.hidden_size),
+            "self_attn.k_proj.weight": (kv_rows, cfg.hidden_size),
+            "self_attn.v_proj.weight": (kv_rows, cfg.hidden_size),
+            "self_attn.o_proj.weight": (cfg.hidden_size, q_rows),
+            "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
+        }
+        for key, shape in expect.items():
+            if tuple(t[key].shape) != shape:
+                raise ModelLoadError(
+                    f"tensor model.layers.{index}.{key} has shape {tuple(t[key].shape)}, the config implies {shape}"
+                )
+        attn = "self_attn."
+
+        def fuse(*keys: str) -> Array:
+            return self._param(np.concatenate([t[key] for key in keys]))
+
+        return DecoderLayer(
+            input_norm=self._param(t["input_layernorm.weight"]),
+            qkv=fuse(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+            qkv_bias=fuse(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
+            if self.use_qkv_bias
+            else None,
+            q_norm=self._param(t[attn + "q_norm.weight"]) if self.use_qk_norm else None,
+            k_norm=self._param(t[attn + "k_norm.weight"]) if self.use_qk_norm else None,
+            o_proj=self._param(t[attn + "o_proj.weight"]),
+            post_norm=self._param(t["post_attention_layernorm.weight"]),
+            gate_up=fuse("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+            down=self._param(t["mlp.down_proj.weight"]),
+        )
+
+    def _finish(self, done, pending, top) -> None:
+        for index, layer in enumerate(done):
+            if layer is None:
+                missing = [k for k in self._layer_keys() if k not in pending[index]]
+                raise ModelLoadError(f"checkpoint is missing model.layers.{index}.{missing[0]}")
+        self.layers = done
+        for name in ("model.embed_tokens.weight", "model.norm.weight"):
+            if name not in top:
+                raise ModelLoadError(f"checkpoint is missing {name}")
+        embed = top["model.embed_tokens.weight"]
+        if embed.shape != (self.config.vocab_size, self.config.hidden_size):
+            raise ModelLoadError(
+                f"model.embed_tokens.weight has shape {embed.shape}, expected "
+                f"({self.config.vocab_size}, {self.config.hidden_size})"
+            )
+        self.embed_tokens = self._param(embed)
+        self.norm = self._param(top["model.norm.weight"])
+        if "lm_head.weight" in top and not self.config.tie_word_embeddings:
+            self.lm_head = self._param(top["lm_head.weight"])
+        elif self.config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            raise ModelLoadError("checkpoint is missing lm_head.weight and does not tie embeddings")
+
+    def _param(self, tensor: np.ndarray) -> Array:
+        return self.backend.asarray(np.asarray(tensor), self.backend.dtype)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
+def _split_layer_name(name: str) -> tuple[int, str]:
+    _, _, index, key = name.split(".", 3)
+    return int(index), key

@@ -1,0 +1,235 @@
+"""Tiny random Hugging Face checkpoints, built locally with transformers, for tests.
+
+Each kind is a complete model folder: config.json, *.safetensors, tokenizer.json (a byte-level
+BPE trained here on built-in text), tokenizer_config.json (bos/eos + a ChatML chat template)
+and generation_config.json. Weights are drawn larger than transformers' default init, with
+norms away from 1 and biases away from 0, so the logits are decisive and a dropped norm, bias
+or rope scaling changes the greedy tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+BOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, IM_START, IM_END]  # ids 0, 1, 2
+BOS_ID, EOS_ID = 0, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOKENIZER_VOCAB = 320
+
+CORPUS = """\
+Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex.
+Readability counts. Errors should never pass silently, unless explicitly silenced.
+The quick brown fox jumps over the lazy dog while the lazy dog sleeps in the sun.
+A paged KV cache stores keys and values in fixed-size blocks. The scheduler admits requests
+while blocks remain, and preempts the newest request when they run out. Prefix caching keeps
+full blocks keyed by the hash of their tokens, so a shared system prompt is computed once.
+def greedy(logits): return int(logits.argmax())  # numbers 0 1 2 3 42 1024 3.14159
+Café, naïve, Zürich, 東京, emoji 🙂 — a byte-level tokenizer never meets an unknown character.
+"""
+
+KINDS = (
+    "llama3",
+    "llama_linear",
+    "mistral",
+    "qwen2_bias",
+    "qwen3_qk_norm",
+    "tied",
+    "bf16_sharded",
+)
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=None,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    make_config: Callable[[int], PretrainedConfig]
+    seed: int
+    vocab_extra: int = 0  # real models pad the embedding past the tokenizer's vocabulary
+    bf16_shards: bool = False
+    legacy_config: bool = False
+
+
+def _llama3(vocab: int) -> PretrainedConfig:
+    # head_dim 16, theta 5e5: wavelengths 6, 33, 172, ... so with an original context of 64
+    # one frequency is kept, one smoothed and the rest divided by the factor.
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    return LlamaConfig(vocab_size=vocab, num_key_value_heads=2, rope_parameters=rope, **SMALL)
+
+
+def _llama_linear(vocab: int) -> PretrainedConfig:
+    rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    return LlamaConfig(vocab_size=vocab, num_key_value_heads=4, rope_parameters=rope, **SMALL)
+
+
+def _mistral(vocab: int) -> PretrainedConfig:
+    return MistralConfig(
+        vocab_size=vocab, num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=None, **SMALL
+    )
+
+
+def _qwen2(vocab: int) -> PretrainedConfig:
+    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+    return Qwen2Config(vocab_size=vocab, num_key_value_heads=2, rope_parameters=rope, **SMALL)
+
+
+def _qwen3(vocab: int) -> PretrainedConfig:
+    # head_dim 32 != 64 / 4: q_proj is 64 -> 128 and o_proj 128 -> 64.
+    return Qwen3Config(vocab_size=vocab, num_key_value_heads=2, head_dim=32, **SMALL)
+
+
+def _tied(vocab: int) -> PretrainedConfig:
+    return LlamaConfig(vocab_size=vocab, num_key_value_heads=1, tie_word_embeddings=True, **SMALL)
+
+
+SPECS: dict[str, Spec] = {
+    "llama3": Spec(_llama3, seed=1),
+    "llama_linear": Spec(_llama_linear, seed=2, legacy_config=True),
+    "mistral": Spec(_mistral, seed=3),
+    "qwen2_bias": Spec(_qwen2, seed=4, vocab_extra=64),
+    "qwen3_qk_norm": Spec(_qwen3, seed=5),
+    "tied": Spec(_tied, seed=6),
+    "bf16_sharded": Spec(_qwen2, seed=7, bf16_shards=True),
+}
+
+
+def build_checkpoint(kind: str, folder: Path) -> Path:
+    """Write the checkpoint `kind` (one of KINDS) into `folder` and return the folder."""
+    spec = SPECS[kind]
+    tokenizer = train_tokenizer()
+    vocab = tokenizer.get_vocab_size() + spec.vocab_extra
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(spec.make_config(vocab), dtype=torch.float32)
+    randomize_weights(model)
+    if spec.bf16_shards:
+        model = model.to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    # About half the bf16 weights per shard, so exactly two shards and an index.
+    shard = "150KB" if spec.bf16_shards else "1GB"
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
+    write_tokenizer(tokenizer, folder)
+    write_generation_config(folder)
+    if spec.legacy_config:
+        rewrite_config_legacy(folder / "config.json")
+    return folder
+
+
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module) -> None:
+    """Draw weights so activations stay O(1) but attention and logits are far from uniform."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.uniform_(0.5, 1.5)
+        elif name.endswith("bias"):
+            param.normal_(0.0, 0.5)
+        elif "embed_tokens" in name:
+            # Also the LM head when tied: 0.5 * sqrt(64) gives logits of std ~4.
+            param.normal_(0.0, 0.5)
+        elif "lm_head" in name:
+            param.normal_(0.0, 4.0 / math.sqrt(param.shape[1]))
+        else:
+            param.normal_(0.0, 1.5 / math.sqrt(param.shape[1]))
+
+
+@functools.cache
+def train_tokenizer() -> Tokenizer:
+    """A byte-level BPE that prepends BOS, like Llama's tokenizers."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    return tokenizer
+
+
+def write_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": IM_END,
+        "pad_token": BOS,
+        "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": SMALL["max_position_embeddings"],
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+
+
+def write_generation_config(folder: Path) -> None:
+    config = {
+        "bos_token_id": BOS_ID,
+        "eos_token_id": [EOS_ID, BOS_ID],
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.8,
+    }
+    _write_json(folder / "generation_config.json", config)
+
+
+def rewrite_config_legacy(path: Path) -> None:
+    """Turn transformers 5's config.json layout into the older one most Hub checkpoints use."""
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype")
+    _write_json(path, config)
+
+
+def prompt_ids(length: int = 24) -> list[int]:
+    """`length` token ids of a fixed English prompt, starting with BOS."""
+    text = "Beautiful is better than ugly. The scheduler admits requests while blocks remain."
+    ids = train_tokenizer().encode(text).ids
+    assert len(ids) >= length, f"prompt too short: {len(ids)} tokens"
+    return ids[:length]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
