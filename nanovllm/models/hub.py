@@ -26,7 +26,9 @@ def download(model_id: str) -> Path:
     try:
         return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS))
     except Exception as exc:  # the hub raises many types: offline, DNS, 401, 404, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = (
+            str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        )
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ModelLoadError(
             f"could not get model {model_id!r} from the Hugging Face Hub{offline} and no local copy "
