@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
+    from nanovllm.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     demo = sub.add_parser(
         "download-demo", help=f"fetch the offline demo model ({DEMO_NAME}) and print its path"
     )

@@ -18,8 +18,17 @@ class LLM:
     def __init__(self, model: str, **engine_args) -> None:
         if "max_requests" in engine_args:  # the CLI's name for it
             engine_args["max_num_seqs"] = engine_args.pop("max_requests")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(LLMEngine(EngineConfig(model=model, **engine_args)))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._attach(LLMEngine(config))
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def get_default_sampling_params(self) -> SamplingParams:

@@ -21,6 +21,8 @@ from nanovllm.sampling_params import SamplingParams
 
 # Width of the blocks in the two-level running-sum search (see _search_cdf).
 _BLOCK = 256
+# How many of a row's best tokens are sorted first when looking for its top_p nucleus.
+_NUCLEUS_CANDIDATES = 2048
 
 
 @dataclass(slots=True)
@@ -46,6 +48,11 @@ class TokenLogprobs:
 class SampleOutput:
     token_ids: np.ndarray  # [B] int64
     logprobs: list[TokenLogprobs | None]
+
+
+def request_generator(params: SamplingParams) -> np.random.Generator | None:
+    """The generator a seeded request keeps for its whole life (None: use the shared one)."""
+    return None if params.seed is None else np.random.default_rng(params.seed)
 
 
 class Sampler:
@@ -124,7 +131,9 @@ class Sampler:
     def _apply_repetition_penalty(self, x, rows: list[SamplingRow], repeated: list[int]) -> None:
         """Over prompt and output tokens: divide positive logits by the penalty, multiply negative."""
         xp = self.xp
-        tokens = [rows[i].prompt_token_ids for i in repeated] + [rows[i].output_token_ids for i in repeated]
+        tokens = [rows[i].prompt_token_ids for i in repeated] + [
+            rows[i].output_token_ids for i in repeated
+        ]
         flat = self._flat_index(x, repeated + repeated, tokens)
         penalty = self._column(rows, "repetition_penalty")[flat // x.shape[1]]
         # A token seen twice is written twice with the same value: no need to deduplicate.
@@ -157,15 +166,15 @@ class Sampler:
         xp = self.xp
         x = x / self._column(rows, "temperature")[:, None]
         top = x.max(axis=1)
-        floor = self._truncation_floor(x, top, rows)
         weights = x - top[:, None]
         xp.exp(weights, out=weights)
+        floor = self._truncation_floor(x, top, weights, rows)
         if bool(xp.isfinite(floor).any()):
             # A multiply by the mask: a masked assignment mispredicts branches and is 3x slower.
             weights *= x >= floor[:, None]
         return weights
 
-    def _truncation_floor(self, x, top, rows: list[SamplingRow]):
+    def _truncation_floor(self, x, top, weights, rows: list[SamplingRow]):
         """Per row, the smallest logit that survives min_p, then top_k, then top_p."""
         xp = self.xp
         vocab = x.shape[1]
@@ -176,32 +185,65 @@ class Sampler:
         floor = top + xp.asarray(log_min_p)
         top_k = np.array([min(row.params.effective_top_k, vocab) for row in rows])
         top_p = np.array([row.params.top_p for row in rows])
-        # Rows with top_k need only their k best logits sorted; only top_p alone needs a full sort.
         with_k = np.flatnonzero(top_k > 0)
         if len(with_k):
-            width = int(top_k[with_k].max())
-            floor[with_k] = self._cut(x[with_k], floor[with_k], top_k[with_k], top_p[with_k], width)
+            floor[with_k] = self._top_k_floor(
+                _take(x, with_k), top[with_k], floor[with_k], top_k[with_k], top_p[with_k]
+            )
         p_only = np.flatnonzero((top_k == 0) & (top_p < 1.0))
         if len(p_only):
-            floor[p_only] = self._cut(
-                _take(x, p_only), floor[p_only], np.full(len(p_only), vocab), top_p[p_only], vocab
+            floor[p_only] = self._top_p_floor(
+                _take(x, p_only), top[p_only], floor[p_only], top_p[p_only], _take(weights, p_only)
             )
         return floor
 
-    def _cut(self, x, floor, top_k: np.ndarray, top_p: np.ndarray, width: int):
-        """Raise floor by top_k, then by top_p on the renormalised survivors, using sorted logits."""
+    def _top_k_floor(self, x, top, floor, top_k: np.ndarray, top_p: np.ndarray):
+        """top_k, then top_p within the k survivors: only each row's k best logits are sorted."""
         xp = self.xp
-        best = _largest_sorted(xp, x, width)
-        rows = xp.arange(len(best))
-        floor = xp.maximum(floor, best[rows, xp.asarray(top_k - 1)])
+        best = _largest_sorted(xp, x, int(top_k.max()))
+        floor = xp.maximum(floor, best[xp.arange(len(best)), xp.asarray(top_k - 1)])
         if (top_p < 1.0).any():
-            mass = xp.exp(best - best[:, :1])
-            mass *= best >= floor[:, None]  # top_p sees only what min_p and top_k left
-            # The smallest prefix whose mass reaches top_p: the first index where the sum is >= p.
-            last = _search_cdf(xp, mass, xp.asarray(top_p), strict=False)
-            cutoff = xp.where(xp.asarray(top_p < 1.0), best[rows, last], -np.inf)
+            cutoff, _ = self._nucleus_cutoff(best, top, floor, top_p, total=None)
             floor = xp.maximum(floor, cutoff)
         return floor
+
+    def _top_p_floor(self, x, top, floor, top_p: np.ndarray, weights):
+        """top_p over the whole vocabulary, sorting the full rows only when the nucleus is large.
+
+        The nucleus is nearly always among a row's best few thousand tokens, and finding those
+        (a partition) costs a third of a full sort.
+        """
+        xp = self.xp
+        kept = weights * (x >= floor[:, None]) if bool(xp.isfinite(floor).any()) else weights
+        total = kept.sum(axis=1, dtype=xp.float64)  # mass of what min_p left, for renormalising
+        width = min(x.shape[1], _NUCLEUS_CANDIDATES)
+        best = _largest_sorted(xp, x, width)
+        cutoff, found = self._nucleus_cutoff(best, top, floor, top_p, total)
+        missed = np.flatnonzero(~_to_host(found))
+        if len(missed):
+            best = _largest_sorted(xp, x[missed], x.shape[1])
+            cutoff[missed] = self._nucleus_cutoff(
+                best, top[missed], floor[missed], top_p[missed], total[missed]
+            )[0]
+        return xp.maximum(floor, cutoff)
+
+    def _nucleus_cutoff(self, best, top, floor, top_p: np.ndarray, total):
+        """The smallest logit of the smallest set whose mass reaches top_p of total.
+
+        best: each row's largest logits, sorted; total: the row's whole mass (None: that of
+        best). Also says per row whether the set lies within best.
+        """
+        xp = self.xp
+        mass = xp.exp(best - top[:, None])
+        mass *= best >= floor[:, None]  # top_p sees only what min_p and top_k left
+        if total is None:
+            total = mass.sum(axis=1, dtype=xp.float64)
+        top_p = xp.asarray(top_p)
+        # The first index where the running sum is >= top_p * total.
+        last = _search_cdf(xp, mass, top_p, strict=False, total=total)
+        cutoff = xp.where(top_p < 1.0, best[xp.arange(len(best)), last], -np.inf)
+        found = mass.sum(axis=1, dtype=xp.float64) >= top_p * total
+        return cutoff.astype(xp.float32), found
 
     def _draw(self, weights, rows: list[SamplingRow]):
         return _search_cdf(self.xp, weights, self.xp.asarray(self._uniforms(rows)), strict=True)
@@ -219,21 +261,23 @@ class Sampler:
     # --- logprobs ---
 
     def _logprobs(self, logits, token_ids: np.ndarray, rows: list[SamplingRow]):
-        want = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        """Raw-logit logprobs of the sampled token and of each row's top params.logprobs tokens."""
+        want = np.array([i for i, row in enumerate(rows) if row.params.logprobs is not None])
         out: list[TokenLogprobs | None] = [None] * len(rows)
-        if not want:
+        if not len(want):
             return out
         xp = self.xp
-        x = xp.asarray(logits, dtype=xp.float32)[xp.asarray(want)]
-        lp = x - x.max(axis=1, keepdims=True)
-        lp -= xp.log(xp.exp(lp).sum(axis=1, keepdims=True))
-        chosen_ids = xp.asarray(token_ids[want])
-        chosen = lp[xp.arange(len(want)), chosen_ids]
-        ranks = _to_host((lp >= chosen[:, None]).sum(axis=1))  # vLLM counts ties as better
-        n = min(max(rows[i].params.logprobs for i in want), lp.shape[1])
-        top_ids = _to_host(_largest_ids(xp, lp, n))
-        top_lp = _to_host(xp.take_along_axis(lp, xp.asarray(top_ids), axis=1))
-        chosen = _to_host(chosen)
+        x = _take(xp.asarray(logits, dtype=xp.float32), want)
+        top = x.max(axis=1, keepdims=True)
+        log_total = top + xp.log(xp.exp(x - top).sum(axis=1, keepdims=True))
+        chosen = x[xp.arange(len(want)), xp.asarray(token_ids[want])]
+        # Ranks compare raw logits: same order as logprobs, without rounding that merges values.
+        ranks = _to_host((x >= chosen[:, None]).sum(axis=1))  # vLLM counts ties as better
+        chosen = _to_host(chosen - log_total[:, 0])
+        n = min(max(rows[i].params.logprobs for i in want), x.shape[1])
+        top_ids = _largest_ids(xp, x, n)
+        top_lp = _to_host(xp.take_along_axis(x, top_ids, axis=1) - log_total)
+        top_ids = _to_host(top_ids)
         for j, i in enumerate(want):
             k = rows[i].params.logprobs
             top = [(int(t), float(v)) for t, v in zip(top_ids[j, :k], top_lp[j, :k], strict=True)]
@@ -275,24 +319,23 @@ def _largest_ids(xp, x, n: int):
     return xp.take_along_axis(ids, order, axis=1)
 
 
-def _search_cdf(xp, weights, fraction, strict: bool):
-    """Per row, the first index where the running sum of weights passes fraction * row total.
+def _search_cdf(xp, weights, fraction, strict: bool, total=None):
+    """Per row, the first index where the running sum of weights passes fraction * total.
 
-    strict: the running sum must exceed the target (inverse-CDF sampling; a zero-weight index is
-    never chosen). Otherwise reaching it is enough (the top_p cutoff).
-    Two levels, block sums and then a running sum inside the one block holding the answer,
-    because a full-width cumsum is the slowest pass over a [B, V] array (~8x a plain sum).
+    total defaults to the row's own sum. strict: the running sum must exceed the target
+    (inverse-CDF sampling; a zero-weight index is never chosen); otherwise reaching it is enough
+    (the top_p cutoff). Two levels, block sums and then a running sum inside the one block holding
+    the answer, because a full-width cumsum is the slowest pass over a [B, V] array (~8x a sum).
     """
     rows, width = weights.shape
     cum = xp.cumsum(_block_sums(xp, weights), axis=1)
-    target = fraction * cum[:, -1]
+    target = fraction * (cum[:, -1] if total is None else total)
     block = xp.minimum(_count_before(cum, target, strict), cum.shape[1] - 1)
     start = xp.where(block > 0, cum[xp.arange(rows), block - 1], 0.0)
     cols = block[:, None] * _BLOCK + xp.arange(_BLOCK)
     inside = xp.take_along_axis(weights, xp.minimum(cols, width - 1), axis=1) * (cols < width)
-    offset = _count_before(
-        start[:, None] + xp.cumsum(inside, axis=1, dtype=xp.float64), target, strict
-    )
+    running = start[:, None] + xp.cumsum(inside, axis=1, dtype=xp.float64)
+    offset = _count_before(running, target, strict)
     # Rounding between the two levels can put the target past the block's end: take the block's
     # last nonzero weight then, never a zero-weight index.
     last = _BLOCK - 1 - xp.argmax(inside[:, ::-1] > 0, axis=1)
