@@ -22,6 +22,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     served_model_name: str | None = None
+    # Speculative decoding: "draft" (needs draft_model) or "ngram" (prompt lookup), or None.
+    speculative_method: str | None = None
+    draft_model: str | None = None
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 4
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,6 +47,25 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        self._validate_speculation()
+
+    def _validate_speculation(self) -> None:
+        if self.speculative_method is None and self.draft_model is not None:
+            self.speculative_method = "draft"
+        if self.speculative_method not in (None, "draft", "ngram"):
+            raise ValueError(
+                f"speculative_method must be 'draft' or 'ngram', got {self.speculative_method!r}"
+            )
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("speculative_method 'draft' needs a draft_model")
+        if self.speculative_method == "ngram" and self.draft_model:
+            raise ValueError("speculative_method 'ngram' takes no draft_model")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError("prompt_lookup_max must be at least prompt_lookup_min")
 
     @property
     def name(self) -> str:

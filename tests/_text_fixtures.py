@@ -69,10 +69,10 @@ def byte_level_folder(folder: Path) -> Path:
 
 def sentencepiece_folder(folder: Path) -> Path:
     tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
     )
-    trainer = BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     # No CJK in training: those characters must fall back to <0xNN> byte tokens.
     tok.train_from_iterator([line for line in CORPUS if "日本" not in line] * 3, trainer)
     spec = json.loads(tok.to_str())

@@ -108,12 +108,24 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Return the blocks beyond the first num_tokens tokens (rejected speculative slots)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        del seq.block_hashes[keep:]
+
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's blocks that are full and computed, so later requests can reuse them."""
         if not self.enable_prefix_caching:
             return
         size = self.block_size
-        num_full = min(seq.num_computed_tokens // size, len(seq.block_table))
+        computed = min(seq.num_computed_tokens, seq.num_tokens)
+        num_full = min(computed // size, len(seq.block_table))
         for i in range(len(seq.block_hashes), num_full):
             parent_hash = seq.block_hashes[i - 1] if i else None
             parent_serial = self.blocks[seq.block_table[i - 1]].serial if i else -1

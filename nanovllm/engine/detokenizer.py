@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from nanovllm.models.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
-PROMPT_CONTEXT_IDS = 5  # the window vLLM starts from; enough for any decoder's look-behind
+PROMPT_CONTEXT_IDS = 5  # as in vLLM: decoders only treat the start of a window specially
 
 
 class IncrementalDetokenizer:
@@ -35,6 +35,8 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
+        if isinstance(stop, str):  # a lone string is one stop string, not its characters
+            stop = [stop]
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self.tokenizer = tokenizer
@@ -81,9 +83,11 @@ class IncrementalDetokenizer:
 
     def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
         context = list(prompt_token_ids[-PROMPT_CONTEXT_IDS:])
-        # A prompt that ends inside a character would swallow the output's first bytes.
-        if self._decode(context).endswith(REPLACEMENT_CHAR):
-            return []
+        # A context cut inside a character garbles the output's start: a trailing partial
+        # character swallows its first bytes, and a byte-fallback run that is invalid as a
+        # whole decodes to U+FFFD throughout. So drop ids until the context decodes cleanly.
+        while context and REPLACEMENT_CHAR in self._decode(context):
+            context.pop(0)
         return context
 
     def _decode(self, ids: list[int]) -> str:
@@ -128,7 +132,7 @@ def first_stop(text: str, new_from: int, stop: Sequence[str]) -> tuple[int, str]
 
 
 class _TextBuffer:
-    """Append-only text kept in chunks, so appending and reading near the end cost O(chunk)."""
+    """Text kept in chunks, so appending, reading and cutting near the end never copy it all."""
 
     def __init__(self) -> None:
         self.chunks: list[str] = []

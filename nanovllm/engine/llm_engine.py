@@ -16,10 +16,10 @@ from nanovllm.backends import get_backend
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.sampler import SampleOutput
+from nanovllm.engine.model_runner import ForwardItem, ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Request, Sequence
+from nanovllm.engine.spec_decode import SpecDecoder
 from nanovllm.engine.stats import EngineStats
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import build_model, load_checkpoint
@@ -41,10 +41,12 @@ class LLMEngine:
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
             model, backend, config.num_blocks, config.block_size, self.eos_token_ids, config.seed
         )
+        self.spec = self._speculator(config, backend)
+        lookahead = self.spec.lookahead if self.spec is not None else None
+        self.scheduler = Scheduler(config, self.block_manager, lookahead)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._touched: dict[str, Request] = {}
@@ -62,6 +64,36 @@ class LLMEngine:
             )
         capacity = config.num_blocks * config.block_size
         return min(config.max_model_len or limit, capacity)
+
+    def _speculator(self, config: EngineConfig, backend) -> SpecDecoder | None:
+        if config.speculative_method is None:
+            return None
+        draft_runner = None
+        if config.speculative_method == "draft":
+            draft = load_checkpoint(config.draft_model)
+            if draft.config.vocab_size != self.model_config.vocab_size:
+                raise NanovllmError(
+                    f"draft model {config.draft_model} has a vocabulary of {draft.config.vocab_size} "
+                    f"tokens but the target has {self.model_config.vocab_size}; speculative decoding "
+                    f"needs a draft that shares the target's vocabulary"
+                )
+            draft_model = build_model(draft, backend, self.max_model_len)
+            draft_runner = ModelRunner(
+                draft_model,
+                backend,
+                config.num_blocks,
+                config.block_size,
+                self.eos_token_ids,
+                config.seed + 1,
+            )
+        return SpecDecoder(
+            config.speculative_method,
+            config.num_speculative_tokens,
+            self.max_model_len,
+            draft_runner,
+            config.prompt_lookup_min,
+            config.prompt_lookup_max,
+        )
 
     def _eos_ids(self, checkpoint) -> list[int]:
         ids = list(checkpoint.config.eos_token_ids)
@@ -167,36 +199,78 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch:
-            seqs, sampled = self.runner.run(batch)
             self._counters["steps"] += 1
-            self._advance(batch)
-            if sampled is not None:
-                self._append_tokens(seqs, sampled)
+            for seq in batch.preempted:
+                seq.draft_computed = 0
+            self._run(batch)
         outputs = [self._output(request) for request in self._touched.values()]
         self._touched.clear()
         return outputs
 
-    def _advance(self, batch: ScheduledBatch) -> None:
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += num_new
-            self.block_manager.cache_computed_blocks(seq)
-
-    def _append_tokens(self, seqs: list[Sequence], sampled: SampleOutput) -> None:
+    def _run(self, batch: ScheduledBatch) -> None:
+        """One forward of the target over the batch, then sampling (or verification of drafts)."""
+        spec = self.spec
+        drafts = spec.propose(batch) if spec is not None else {}
+        items = [self._item(seq, num_new, drafts.get(seq)) for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)]  # fmt: skip
+        logits = self.runner.logits(items)
+        results: list[tuple[Sequence, int, list[int], list]] = []
+        plain, plain_rows, row = [], [], 0
+        for item in items:
+            seq, rows = item.seq, logits[row : row + item.num_logits]
+            row += item.num_logits
+            if seq in drafts:
+                tokens, logprobs, consumed = spec.verify(seq, drafts[seq], rows, self.runner)
+                results.append((seq, consumed, tokens, logprobs))
+            elif item.num_logits:
+                plain.append(seq)
+                plain_rows.append(rows)
+            else:
+                results.append((seq, len(item.token_ids), [], []))
+        if plain:
+            sampled = self.runner.sample(np.concatenate(plain_rows), plain)
+            for seq, token, logprobs in zip(
+                plain, sampled.token_ids.tolist(), sampled.logprobs, strict=True
+            ):
+                results.append((seq, seq.num_tokens - seq.num_computed_tokens, [token], [logprobs]))
         now = time.monotonic()
-        for seq, token, logprobs in zip(
-            seqs, sampled.token_ids.tolist(), sampled.logprobs, strict=True
-        ):
-            seq.token_ids.append(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                self._on_first_token(seq)
-            self._counters["generation_tokens"] += 1
-            self._check_stop(seq, token)
-            self._touched[seq.request.request_id] = seq.request
-            if seq.is_finished:
-                self._on_finished(seq, now)
+        for seq, consumed, tokens, logprobs in results:
+            self._commit(seq, consumed, tokens, logprobs, now)
+
+    def _item(self, seq: Sequence, num_new: int, proposal) -> ForwardItem:
+        start = seq.num_computed_tokens
+        if proposal is not None:  # the last token, then the drafts to verify
+            return ForwardItem(
+                seq, start, [seq.token_ids[-1], *proposal.token_ids], 1 + len(proposal.token_ids)
+            )
+        tokens = seq.token_ids[start : start + min(num_new, seq.num_tokens - start)]
+        return ForwardItem(seq, start, tokens, 1 if start + len(tokens) == seq.num_tokens else 0)
+
+    def _commit(
+        self, seq: Sequence, consumed: int, tokens: list[int], logprobs: list, now: float
+    ) -> None:
+        """Mark `consumed` tokens computed, append new tokens until a stop rule fires."""
+        seq.num_computed_tokens += consumed
+        for token, token_logprobs in zip(tokens, logprobs, strict=True):
+            self._append(seq, token, token_logprobs, now)
+            if seq.finish_reason is not None:
+                break
+        self.block_manager.cache_computed_blocks(seq)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            self._on_finished(seq, now)
+        elif len(seq.block_table) > self.block_manager.blocks_needed(seq.num_tokens):
+            self.block_manager.trim(seq, seq.num_tokens)  # slots of rejected drafts
+
+    def _append(self, seq: Sequence, token: int, logprobs, now: float) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self._on_first_token(seq)
+        self._counters["generation_tokens"] += 1
+        self._check_stop(seq, token)
+        self._touched[seq.request.request_id] = seq.request
 
     def _on_first_token(self, seq: Sequence) -> None:
         request = seq.request
@@ -225,8 +299,11 @@ class LLMEngine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        # The flush may complete a stop string held back with a partial character.
+        late_stop = seq.detokenizer.finish()
+        if reason == "length" and late_stop is not None:
+            reason, stop_reason = "stop", late_stop
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self.scheduler.finish(seq)
 
     def _on_finished(self, seq: Sequence, now: float) -> None:
         request = seq.request
@@ -258,6 +335,7 @@ class LLMEngine:
         token_ids, sent = seq.output_token_ids, seq.num_sent_tokens
         seq.num_sent_tokens = len(token_ids)
         want_logprobs = seq.params.logprobs is not None
+        delta_text = seq.detokenizer.take_delta(seq.is_finished)
         return CompletionOutput(
             index=seq.index,
             text=seq.detokenizer.text,
@@ -265,7 +343,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if want_logprobs else None,
-            delta_text=seq.detokenizer.take_delta(seq.is_finished),
+            delta_text=delta_text,
             delta_token_ids=token_ids[sent:],
             delta_logprobs=seq.logprobs[sent:] if want_logprobs else None,
         )
@@ -286,4 +364,5 @@ class LLMEngine:
             generation_tokens=counters["generation_tokens"],
             num_finished_requests=counters["finished"],
             num_steps=counters["steps"],
+            spec=None if self.spec is None else self.spec.stats.snapshot(),
         )

@@ -1,9 +1,9 @@
 """ModelRunner: all array work of a step — build the flat batch, run the model once, sample.
 
-The batch is flat: the new tokens of every scheduled sequence (prefill chunks and decodes
-alike) are concatenated; AttentionMetadata tells the attention op where each sequence's
-queries start and how long its cached context is. Only the last row of a sequence whose
-known tokens are all computed after this step goes through the LM head and the sampler.
+The batch is flat: the new tokens of every scheduled sequence (prefill chunks, decodes and
+speculative verification runs alike) are concatenated; AttentionMetadata tells the attention op
+where each sequence's queries start and how long its cached context is. Only the rows that need
+a next-token distribution go through the LM head.
 """
 
 from __future__ import annotations
@@ -14,9 +14,18 @@ import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata, Backend
 from nanovllm.engine.sampler import SampleOutput, Sampler, SamplingRow
-from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.llama import LlamaForCausalLM
+
+
+@dataclass(slots=True)
+class ForwardItem:
+    """Tokens of one sequence to run from position `start`; the last `num_logits` need logits."""
+
+    seq: Sequence
+    start: int
+    token_ids: list[int]
+    num_logits: int
 
 
 @dataclass(slots=True)
@@ -27,8 +36,7 @@ class StepInputs:
     query_start: np.ndarray
     context_lens: np.ndarray
     block_tables: np.ndarray
-    sample_rows: np.ndarray  # flat-batch row of each sequence that gets a next token
-    sample_seqs: list[Sequence]
+    logits_rows: np.ndarray  # flat-batch rows that go through the LM head
 
 
 class ModelRunner:
@@ -56,36 +64,47 @@ class ModelRunner:
         k_cache = self.kv_caches[0][0]
         return 2 * len(self.kv_caches) * k_cache.size * k_cache.itemsize
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleOutput | None]:
-        """Run one step; returns the sequences that got a next token and the sampler's output."""
-        inputs = self.prepare(batch)
+    def logits(self, items: list[ForwardItem]) -> np.ndarray:
+        """Run the model once over all items; float32 logits of the requested rows, in order."""
+        inputs = self.prepare(items)
         hidden = self.forward(inputs)
-        if not inputs.sample_seqs:
-            return [], None
-        logits = self.backend.to_numpy(self.model.compute_logits(hidden[inputs.sample_rows]))
-        rows = [self._sampling_row(seq) for seq in inputs.sample_seqs]
-        return inputs.sample_seqs, self.sampler(np.asarray(logits, dtype=np.float32), rows)
+        if not len(inputs.logits_rows):
+            return np.empty((0, self.model.config.vocab_size), dtype=np.float32)
+        logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
+        return np.asarray(self.backend.to_numpy(logits), dtype=np.float32)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> SampleOutput:
+        return self.sampler(logits, [self.sampling_row(seq) for seq in seqs])
+
+    def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
+        """The row for seq's next token; extra_output are tokens assumed appended (speculation)."""
+        output = seq.output_token_ids
+        return SamplingRow(
+            params=seq.params,
+            prompt_token_ids=seq.request.prompt_token_ids,
+            output_token_ids=output + list(extra_output) if extra_output else output,
+            generator=seq.generator,
+            eos_token_ids=self.eos_token_ids,
+        )
+
+    def prepare(self, items: list[ForwardItem]) -> StepInputs:
         size = self.block_size
         ids, positions, slots = [], [], []
-        query_start, context_lens, sample_rows, sample_seqs = [0], [], [], []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            ids.extend(seq.token_ids[start:end])
+        query_start, context_lens, logits_rows = [0], [], []
+        for item in items:
+            start, end = item.start, item.start + len(item.token_ids)
+            ids.extend(item.token_ids)
             pos = np.arange(start, end)
             positions.append(pos)
-            table = np.asarray(seq.block_table)
+            table = np.asarray(item.seq.block_table)
             slots.append(table[pos // size] * size + pos % size)
-            query_start.append(query_start[-1] + num_new)
+            query_start.append(query_start[-1] + len(pos))
             context_lens.append(end)
-            if end == seq.num_tokens:
-                sample_rows.append(query_start[-1] - 1)
-                sample_seqs.append(seq)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = np.zeros((len(batch.seqs), width), dtype=np.int32)
-        for row, seq in enumerate(batch.seqs):
-            tables[row, : len(seq.block_table)] = seq.block_table
+            logits_rows.extend(range(query_start[-1] - item.num_logits, query_start[-1]))
+        width = max(len(item.seq.block_table) for item in items)
+        tables = np.zeros((len(items), width), dtype=np.int32)
+        for row, item in enumerate(items):
+            tables[row, : len(item.seq.block_table)] = item.seq.block_table
         return StepInputs(
             input_ids=np.asarray(ids, dtype=np.int64),
             positions=np.concatenate(positions).astype(np.int64),
@@ -93,8 +112,7 @@ class ModelRunner:
             query_start=np.asarray(query_start, dtype=np.int32),
             context_lens=np.asarray(context_lens, dtype=np.int32),
             block_tables=tables,
-            sample_rows=np.asarray(sample_rows, dtype=np.int64),
-            sample_seqs=sample_seqs,
+            logits_rows=np.asarray(logits_rows, dtype=np.int64),
         )
 
     def forward(self, inputs: StepInputs):
@@ -110,12 +128,3 @@ class ModelRunner:
             block_tables_host=inputs.block_tables,
         )
         return self.model.forward(xp(inputs.input_ids), xp(inputs.positions), meta, self.kv_caches)
-
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        return SamplingRow(
-            params=seq.params,
-            prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            generator=seq.generator,
-            eos_token_ids=self.eos_token_ids,
-        )

@@ -75,7 +75,7 @@ class Sampler:
             sub = [rows[i] for i in drawn]
             token_ids[drawn] = self._draw(self._weights(_take(x, drawn), sub), sub)
         token_ids = _to_host(token_ids)
-        return SampleOutput(token_ids, self._logprobs(logits, token_ids, rows))
+        return SampleOutput(token_ids, self.logprobs(logits, token_ids, rows))
 
     def probs(self, logits, rows: list[SamplingRow]):
         """The distribution each row samples from, [B, V] float32; greedy rows are one-hot."""
@@ -260,7 +260,7 @@ class Sampler:
 
     # --- logprobs ---
 
-    def _logprobs(self, logits, token_ids: np.ndarray, rows: list[SamplingRow]):
+    def logprobs(self, logits, token_ids: np.ndarray, rows: list[SamplingRow]):
         """Raw-logit logprobs of the sampled token and of each row's top params.logprobs tokens."""
         want = np.array([i for i, row in enumerate(rows) if row.params.logprobs is not None])
         out: list[TokenLogprobs | None] = [None] * len(rows)

@@ -10,6 +10,7 @@ back to the front of the queue (the prefix cache usually gives most of them back
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
@@ -36,7 +37,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        lookahead: Callable[[Sequence], int] | None = None,
+    ) -> None:
+        self.lookahead = lookahead  # speculative slots a decoding sequence may use this step
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
@@ -68,6 +75,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.lookahead is not None and seq.is_decoding:
+                num_tokens += min(self.lookahead(seq), budget - num_tokens)
             if self._make_room(seq, seq.num_computed_tokens + num_tokens, batch):
                 self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
                 batch.add(seq, num_tokens)

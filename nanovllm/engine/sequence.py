@@ -36,6 +36,12 @@ class Sequence:
     detokenizer: Any = None
     first_token_time: float | None = None
     num_sent_tokens: int = 0  # output tokens already reported in a RequestOutput
+    draft_computed: int = 0  # tokens whose KV the draft model holds (speculative decoding)
+
+    @property
+    def is_decoding(self) -> bool:
+        """All known tokens but the last one are in the KV cache."""
+        return self.num_computed_tokens == len(self.token_ids) - 1
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nanovllm.engine.spec_decode import SpecStats
+
 
 @dataclass(slots=True)
 class EngineStats:
@@ -19,6 +21,7 @@ class EngineStats:
     generation_tokens: int
     num_finished_requests: int
     num_steps: int
+    spec: SpecStats | None = None  # speculative decoding counters, when it is on
 
     @property
     def num_used_blocks(self) -> int:

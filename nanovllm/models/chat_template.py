@@ -35,6 +35,7 @@ def render_chat_template(
     tools: list[dict] | None = None,
     **extra: Any,
 ) -> str:
+    """The prompt text; a ChatTemplateError (a ValueError) if the template refuses or fails."""
     if not messages:
         raise ChatTemplateError("cannot apply a chat template to an empty conversation")
     if not all(isinstance(m, dict) for m in messages):
@@ -51,8 +52,20 @@ def render_chat_template(
     }
     try:
         return _compile(template).render(variables)
-    except jinja2.TemplateError as e:
+    except _TEMPLATE_FAILURES as e:
         raise ChatTemplateError(_describe(e)) from e
+
+
+# A template is code run on user input: these are the input's or the template's fault, not
+# ours (e.g. '<|im_start|>' + content, when content is a list of parts, is a TypeError).
+_TEMPLATE_FAILURES = (
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    LookupError,
+    AttributeError,
+    ArithmeticError,
+)
 
 
 def _without_none(message: dict) -> dict:
