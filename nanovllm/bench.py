@@ -107,6 +107,99 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+class NullModel:
+    """Stands in for the model: forward and LM head cost nothing, so a step's time is all engine
+    overhead (scheduling, block bookkeeping, batch building, sampling, detokenization)."""
+
+    def __init__(self, config, seed: int = 0) -> None:
+        self.config = config
+        rng = np.random.default_rng(seed)
+        self.table = rng.standard_normal((4096, config.vocab_size), dtype=np.float32)
+
+    def forward(self, input_ids, positions, meta, kv_caches):
+        return np.arange(len(input_ids)) % len(self.table)
+
+    def compute_logits(self, rows):
+        return self.table[: len(rows)]  # a view: producing logits is the model's cost, not ours
+
+
+@dataclass(slots=True)
+class OverheadResult:
+    num_seqs: int
+    steps: int
+    ms_per_step: float
+    ms_schedule: float
+    ms_runner: float
+    ms_sampler: float
+    ms_postprocess: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_overhead(engine, num_seqs: int, steps: int, prompt_len: int = 32) -> OverheadResult:
+    """Decode steps of num_seqs sequences through the real engine around a NullModel."""
+    from nanovllm.sampling_params import SamplingParams
+
+    engine.runner.model = NullModel(engine.model_config)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"overhead-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
+    while engine.stats().num_waiting or engine.stats().num_running < num_seqs:
+        engine.step()  # prefill everything first: we time decode steps
+    timings = _time_steps(engine, steps)
+    for i in range(num_seqs):
+        engine.abort_request(f"overhead-{i}")
+    return OverheadResult(num_seqs, steps, *(1000 * t / steps for t in timings))
+
+
+def _time_steps(engine, steps: int) -> tuple[float, ...]:
+    schedule, logits, sample = engine.scheduler.schedule, engine.runner.logits, engine.runner.sample
+    spent = {"schedule": 0.0, "runner": 0.0, "sampler": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", schedule)
+    engine.runner.logits = timed("runner", logits)
+    engine.runner.sample = timed("sampler", sample)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - start
+    del engine.scheduler.schedule, engine.runner.logits, engine.runner.sample
+    return total, spent["schedule"], spent["runner"], spent["sampler"], total - sum(spent.values())
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from nanovllm.cli import engine_config
+    from nanovllm.engine.llm_engine import LLMEngine
+
+    config = engine_config(args)
+    config.max_num_seqs = max(config.max_num_seqs, args.num_seqs)
+    config.max_num_batched_tokens = max(config.max_num_batched_tokens, args.num_seqs * 32)
+    result = run_overhead(LLMEngine(config), args.num_seqs, args.steps)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(
+            f"{result.num_seqs} sequences, {result.steps} decode steps: {result.ms_per_step:.3f} ms/step "
+            f"(schedule {result.ms_schedule:.3f}, batch build + null forward {result.ms_runner:.3f}, "
+            f"sampler {result.ms_sampler:.3f}, detokenize + stop checks + outputs "
+            f"{result.ms_postprocess:.3f})"
+        )
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     from nanovllm.cli import add_engine_args
 
@@ -122,3 +215,12 @@ def add_bench_parser(sub) -> None:
     tp.add_argument("--bench-seed", type=int, default=0, help="seed of the random prompts")
     tp.add_argument("--json", action="store_true", help="print one JSON object")
     tp.set_defaults(func=cmd_throughput)
+
+    oh = kinds.add_parser(
+        "overhead", help="per-step engine overhead with a model that costs nothing"
+    )
+    add_engine_args(oh)
+    oh.add_argument("--num-seqs", type=int, default=256)
+    oh.add_argument("--steps", type=int, default=100)
+    oh.add_argument("--json", action="store_true")
+    oh.set_defaults(func=cmd_overhead)

@@ -35,6 +35,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0, help="seed of the generator for unseeded requests")  # fmt: skip
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--draft-model", default=None, help="a smaller model sharing the vocabulary")
+    spec.add_argument("--num-speculative-tokens", type=int, default=3)
+    spec.add_argument(
+        "--speculative-method",
+        choices=("draft", "ngram"),
+        default=None,
+        help="draft (with --draft-model) or ngram (prompt lookup, no draft model)",
+    )
+    spec.add_argument("--prompt-lookup-min", type=int, default=1)
+    spec.add_argument("--prompt-lookup-max", type=int, default=4)  # fmt: skip
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -50,6 +61,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        speculative_method=args.speculative_method,
+        draft_model=args.draft_model,
+        num_speculative_tokens=args.num_speculative_tokens,
+        prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max,
     )
 
 
@@ -95,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
+    sys.stdout.flush()
     generated = len(output.outputs[0].token_ids) if output else 0
     reason = output.outputs[0].finish_reason if output else None
     print(

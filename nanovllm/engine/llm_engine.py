@@ -216,18 +216,22 @@ class LLMEngine:
         results: list[tuple[Sequence, int, list[int], list]] = []
         plain, plain_rows, row = [], [], 0
         for item in items:
-            seq, rows = item.seq, logits[row : row + item.num_logits]
+            seq, rows = item.seq, slice(row, row + item.num_logits)
             row += item.num_logits
             if seq in drafts:
-                tokens, logprobs, consumed = spec.verify(seq, drafts[seq], rows, self.runner)
+                tokens, logprobs, consumed = spec.verify(
+                    seq, drafts[seq], logits[rows], self.runner
+                )
                 results.append((seq, consumed, tokens, logprobs))
             elif item.num_logits:
                 plain.append(seq)
-                plain_rows.append(rows)
+                plain_rows.append(rows.start)
             else:
                 results.append((seq, len(item.token_ids), [], []))
         if plain:
-            sampled = self.runner.sample(np.concatenate(plain_rows), plain)
+            # Without speculation every logits row is a plain one: no copy of [B, vocab].
+            rows = logits if len(plain_rows) == len(logits) else logits[plain_rows]
+            sampled = self.runner.sample(rows, plain)
             for seq, token, logprobs in zip(
                 plain, sampled.token_ids.tolist(), sampled.logprobs, strict=True
             ):
