@@ -33,22 +33,10 @@ ARCHITECTURES = {
 
 # Each checked against an independent reference in tests/test_gguf.py.
 DEQUANTIZABLE = frozenset(
-    {
-        Q.F32,
-        Q.F16,
-        Q.BF16,
-        Q.Q8_0,
-        Q.Q4_0,
-        Q.Q4_1,
-        Q.Q5_0,
-        Q.Q5_1,
-        Q.Q2_K,
-        Q.Q3_K,
-        Q.Q4_K,
-        Q.Q5_K,
-        Q.Q6_K,
-    }
+    Q[name] for name in "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
 )
+
+_CHUNK_VALUES = 1 << 22  # values dequantized per step
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -92,7 +80,7 @@ class GGUFCheckpoint:
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array) pairs, each tensor dequantized only when it is reached."""
         for tensor in self._tensors:
-            yield tensor.hf_name, dequantize_tensor(tensor)
+            yield tensor.hf_name, _load(tensor)
 
 
 def load_gguf(path: str | Path) -> GGUFCheckpoint:
@@ -110,13 +98,33 @@ def load_gguf(path: str | Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(config, tokenizer, generation_config, tensors)
 
 
-def dequantize_tensor(tensor: _Tensor) -> np.ndarray:
-    flat = gguf.quants.dequantize(tensor.data, tensor.qtype)
-    # F32 comes back as a read-only view of the file: hand out an array the caller owns.
-    weight = np.array(flat, dtype=np.float32, copy=True).reshape(tensor.shape)
-    if tensor.unpermute_heads:
-        weight = _unpermute(weight, tensor.unpermute_heads)
-    return weight
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor's raw GGUF blocks (one row of blocks per tensor row) as a float32 array of `shape`
+    (row-major, HF order) that the caller owns."""
+    if qtype not in DEQUANTIZABLE:
+        raise ModelLoadError(
+            f"nanovllm cannot dequantize {qtype.name}; supported: {_supported_names()}"
+        )
+    out = np.empty(shape, dtype=np.float32)
+    rows_in = raw.reshape(raw.shape[0] if raw.ndim > 1 else 1, -1)
+    rows_out = out.reshape(len(rows_in), -1)
+    # A few rows at a time: the dequantizer's scratch arrays are several times its output, which
+    # for a large embedding matrix would otherwise cost gigabytes at once.
+    step = max(1, _CHUNK_VALUES // rows_out.shape[1])
+    for start in range(0, len(rows_in), step):
+        rows_out[start : start + step] = gguf.quants.dequantize(
+            rows_in[start : start + step], qtype
+        )
+    return out
+
+
+def _load(tensor: _Tensor) -> np.ndarray:
+    weight = dequantize(tensor.data, tensor.qtype, tensor.shape)
+    return _unpermute(weight, tensor.unpermute_heads) if tensor.unpermute_heads else weight
+
+
+def _supported_names() -> str:
+    return ", ".join(q.name for q in sorted(DEQUANTIZABLE))
 
 
 def _unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -151,10 +159,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _plan(tensor: Any, arch: str, config: ModelConfig) -> _Tensor:
     hf_name = _hf_name(tensor.name, config.num_layers)
     if tensor.tensor_type not in DEQUANTIZABLE:
-        supported = ", ".join(q.name for q in sorted(DEQUANTIZABLE))
         raise ModelLoadError(
             f"tensor {tensor.name} uses quantization {tensor.tensor_type.name}, which nanovllm cannot "
-            f"dequantize; supported: {supported}"
+            f"dequantize; supported: {_supported_names()}"
         )
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     _check_shape(tensor.name, shape, _expected_shape(hf_name, config))
@@ -175,7 +182,7 @@ def _hf_name(name: str, num_layers: int) -> str:
     raise ModelLoadError(f"GGUF tensor {name} has no counterpart in nanovllm's models")
 
 
-def _expected_shape(hf_name: str, c: ModelConfig) -> tuple[int, ...] | None:
+def _expected_shape(hf_name: str, c: ModelConfig) -> tuple[int, ...]:
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     part = hf_name.rsplit(".", 2)[-2]
     shapes = {
@@ -291,7 +298,8 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
-    if not np.allclose(_llama3_factors(scaling, theta, head_dim), factors, rtol=1e-4):
+    expected = _llama3_factors(scaling, theta, head_dim)
+    if factors.shape != expected.shape or not np.allclose(expected, factors, rtol=1e-4):
         raise ModelLoadError(
             "GGUF rope_freqs.weight does not match Llama 3 rope scaling; nanovllm cannot use it"
         )

@@ -18,8 +18,8 @@ Where this departs from transformers' own GGUF tokenizer (transformers 5.24), on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -78,15 +78,26 @@ def _split_pre(pattern: str) -> pre_tokenizers.PreTokenizer:
     )
 
 
-# tokenizer.ggml.pre -> (pre-tokenizer, NFC normalizer, BPE ignore_merges, add BOS when the file does not say)
+class _Pipeline(NamedTuple):
+    pre_tokenizer: Callable[[], pre_tokenizers.PreTokenizer]
+    nfc: bool = False  # normalize text to NFC first
+    ignore_merges: bool = False  # BPE takes a pre-token that is in the vocabulary whole
+    add_bos: bool = False  # when the file has no tokenizer.ggml.add_bos_token
+
+
+def _llama3() -> _Pipeline:
+    return _Pipeline(lambda: _split_pre(_LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+
+
+# tokenizer.ggml.pre -> the pipeline of the original model's tokenizer.json
 _PIPELINES = {
-    "default": (_gpt2_pre, False, False, False),
-    "gpt-2": (_gpt2_pre, False, False, False),
-    "smollm": (_digits_pre, False, False, False),
-    "qwen2": (lambda: _split_pre(_QWEN2_SPLIT), True, False, False),
-    "llama-bpe": (lambda: _split_pre(_LLAMA3_SPLIT), False, True, True),
-    "llama3": (lambda: _split_pre(_LLAMA3_SPLIT), False, True, True),
-    "llama-v3": (lambda: _split_pre(_LLAMA3_SPLIT), False, True, True),
+    "default": _Pipeline(_gpt2_pre),
+    "gpt-2": _Pipeline(_gpt2_pre),
+    "smollm": _Pipeline(_digits_pre),
+    "qwen2": _Pipeline(lambda: _split_pre(_QWEN2_SPLIT), nfc=True),
+    "llama-bpe": _llama3(),
+    "llama3": _llama3(),
+    "llama-v3": _llama3(),
 }
 SUPPORTED_PRE_TOKENIZERS = tuple(_PIPELINES)
 
@@ -104,17 +115,16 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
         raise ModelLoadError(
             f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(SUPPORTED_PRE_TOKENIZERS)}"
         )
-    make_pre, nfc, ignore_merges, bos_by_default = _PIPELINES[pre]
+    pipeline = _PIPELINES[pre]
     tokens = _required(meta, "tokenizer.ggml.tokens")
-    backend = tokenizers.Tokenizer(
-        _bpe(tokens, _required(meta, "tokenizer.ggml.merges"), ignore_merges)
-    )
-    backend.normalizer = normalizers.NFC() if nfc else None
-    backend.pre_tokenizer = make_pre()
+    merges = _required(meta, "tokenizer.ggml.merges")
+    backend = tokenizers.Tokenizer(_bpe(tokens, merges, pipeline.ignore_merges))
+    backend.normalizer = normalizers.NFC() if pipeline.nfc else None
+    backend.pre_tokenizer = pipeline.pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
     _add_special_tokens(backend, tokens, token_types(meta))
     bos, eos = token_text(meta, "bos"), token_text(meta, "eos")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", bos_by_default))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pipeline.add_bos))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     backend.post_processor = _post_processor(
         backend, bos if add_bos else None, eos if add_eos else None
