@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
+    from nanovllm.server.cli import add_serve_parser  # local: it imports this module
+
+    add_serve_parser(sub)
+
     from nanovllm.bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -122,8 +122,8 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt, add_special_tokens)
         params = self._check_lengths(token_ids, params)
         request = Request(request_id, text, token_ids, params)
-        self.requests[request_id] = request
         self._spawn(request, 0)
+        self.requests[request_id] = request
         return request
 
     def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[str | None, list[int]]:
@@ -162,7 +162,10 @@ class LLMEngine:
 
     def _spawn(self, request: Request, index: int) -> Sequence:
         params = request.params
-        generator = None if params.seed is None else np.random.default_rng((params.seed, index))
+        # Any integer seed works (OpenAI allows negative ones); NumPy wants non-negative entropy.
+        generator = (
+            None if params.seed is None else np.random.default_rng((params.seed % 2**64, index))
+        )
         seq = Sequence(
             next(self._seq_ids), request, index, list(request.prompt_token_ids), params, generator
         )

@@ -1,0 +1,118 @@
+"""`nanovllm serve`: the command line of the OpenAI-compatible server.
+
+`add_serve_parser` registers the subcommand on nanovllm/cli.py's parser; `python -m
+nanovllm.server.cli [flags]` runs the same command without the word `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from nanovllm.cli import add_engine_args, add_sampling_args, engine_config, sampling_overrides
+from nanovllm.errors import NanovllmError
+
+API_KEY_ENV = "NANOVLLM_API_KEY"
+if TYPE_CHECKING:
+    from nanovllm.server.serve import ServerConfig
+
+DESCRIPTION = "Serve a model over an OpenAI-compatible HTTP API (see docs/api.md)."
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the subparsers of the `nanovllm` command."""
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server", description=DESCRIPTION)  # fmt: skip
+    add_serve_args(parser)
+    parser.set_defaults(func=cmd_serve)
+    return parser
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    add_sampling_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer <key>' on /v1 paths (default: ${API_KEY_ENV})",
+    )
+    g.add_argument("--served-model-name", default=None, help="the model name of the API (default: --model)")  # fmt: skip
+    g.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        help="requests that may wait beyond --max-requests; more get 503 at once",
+    )
+    g.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="seconds requests in flight get to finish after SIGINT/SIGTERM",
+    )
+    g.add_argument("--max-body-size", type=int, default=4 * 1024 * 1024, help="bytes; larger bodies get 413")  # fmt: skip
+    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats log lines")  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanovllm.server.serve import serve  # falcon and waitress load only when serving
+
+    config = engine_config(args)
+    config.served_model_name = args.served_model_name
+    server = server_config(args)
+    _setup_logging()
+    return serve(config, server, sampling_overrides(args))
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    from nanovllm.server.serve import ServerConfig
+
+    _require(0 <= args.port <= 65535, f"--port must be in [0, 65535], got {args.port}")
+    _require(args.max_waiting >= 0, f"--max-waiting must be >= 0, got {args.max_waiting}")
+    _require(args.grace_period >= 0, f"--grace-period must be >= 0, got {args.grace_period}")
+    _require(args.max_body_size > 0, f"--max-body-size must be > 0, got {args.max_body_size}")
+    _require(args.log_interval > 0, f"--log-interval must be > 0, got {args.log_interval}")
+    _require(args.api_key != "", "--api-key must not be empty")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_waiting=args.max_waiting,
+        grace_period=args.grace_period,
+        max_body_bytes=args.max_body_size,
+        log_interval=args.log_interval,
+    )
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise NanovllmError(message)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanovllm serve", description=DESCRIPTION)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_serve(args)
+    except (NanovllmError, ValueError, OSError) as exc:
+        if os.environ.get("NANOVLLM_DEBUG"):
+            raise
+        print(f"nanovllm: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The engine loop in one background thread, and the queues request threads talk to it through.
+
+The engine is single-threaded, so only this thread calls it. A request thread hands it work
+as a `Submission` (one HTTP request: one or more prompts, one SamplingParams) and waits for
+the verdict of `add_request`; afterwards the engine thread puts `(prompt_index, RequestOutput)`
+items on the submission's own queue, or an `EngineFailure` if the request cannot finish
+(shutdown, internal error). Aborts travel the same command queue, so a dropped client's blocks
+are free before the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.stats import EngineStats
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("nanovllm.server")
+
+Prompt = str | list[int]
+# How often a waiting request thread checks that the engine thread is still alive.
+_LIVENESS_POLL_S = 1.0
+
+
+class EngineFailure(Exception):
+    """The engine could not finish a request: the server is shutting down or the engine failed."""
+
+
+@dataclass(eq=False)
+class Submission:
+    """One HTTP request's prompts on their way through the engine."""
+
+    id: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    add_special_tokens: bool
+    request_ids: list[str] = field(default_factory=list)
+    outputs: queue.Queue = field(default_factory=queue.Queue)
+    accepted: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None  # why add_request refused it
+    num_done: int = 0  # prompts whose final output the request thread has seen
+
+    @property
+    def done(self) -> bool:
+        return self.num_done == len(self.prompts)
+
+
+class EngineThread:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_finished: Callable[[RequestOutput], None] | None = None,
+        on_aborted: Callable[[int], None] | None = None,
+        log_interval: float = 5.0,
+    ) -> None:
+        self.engine = engine
+        self.stats: EngineStats = engine.stats()  # the latest snapshot, for /metrics and logs
+        self._on_finished = on_finished or (lambda output: None)
+        self._on_aborted = on_aborted or (lambda count: None)
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._routes: dict[str, tuple[Submission, int]] = {}
+        self._ids = itertools.count()
+        self._refusal: str | None = None  # set at shutdown: why new work is refused
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self._log = _ThroughputLog(log_interval, self.stats)
+
+    # ---- called from request threads -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(
+        self, prompts: list[Prompt], params: SamplingParams, add_special_tokens: bool
+    ) -> Submission:
+        """Queue the prompts; wait until the engine accepts them. Raises what add_request raised."""
+        sub = Submission(f"req-{next(self._ids)}", prompts, params, add_special_tokens)
+        self._commands.put(lambda: self._add(sub))
+        while not sub.accepted.wait(_LIVENESS_POLL_S):
+            if not self.is_alive():
+                raise EngineFailure("the engine has stopped")
+        if sub.error is not None:
+            raise sub.error
+        return sub
+
+    def results(self, sub: Submission) -> Iterator[tuple[int, RequestOutput]]:
+        """Every output of `sub` as the engine produces it, until all its prompts finished."""
+        while not sub.done:
+            try:
+                item = sub.outputs.get(timeout=_LIVENESS_POLL_S)
+            except queue.Empty:
+                if not self.is_alive():
+                    raise EngineFailure("the engine has stopped") from None
+                continue
+            if isinstance(item, EngineFailure):
+                raise item
+            index, output = item
+            if output.finished:
+                sub.num_done += 1
+            yield index, output
+
+    def abort(self, sub: Submission) -> None:
+        if not sub.done:
+            self._commands.put(lambda: self._abort(sub))
+
+    def shut_down(self, message: str) -> None:
+        """End every request in flight with `message` and refuse new ones."""
+        self._commands.put(lambda: self._refuse_all(message))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._commands.put(self._exit)
+        self._thread.join(timeout)
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._running:
+                self._run_commands(block=not self.engine.has_unfinished_requests())
+                if self._running and self.engine.has_unfinished_requests():
+                    self._step()
+                self.stats = self.engine.stats()
+                self._log.maybe_log(self.stats)
+        except BaseException:
+            logger.exception("the engine thread crashed")
+            raise
+        finally:
+            self._fail_all("the engine has stopped")
+
+    def _run_commands(self, block: bool) -> None:
+        try:
+            # Idle: sleep until work arrives, waking now and then for the periodic log.
+            command = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, sub: Submission) -> None:
+        try:
+            if self._refusal is not None:
+                raise EngineFailure(self._refusal)
+            for index, prompt in enumerate(sub.prompts):
+                request_id = f"{sub.id}-{index}"
+                try:
+                    self.engine.add_request(request_id, prompt, sub.params, sub.add_special_tokens)
+                except BaseException:
+                    self.engine.abort_request(request_id)  # in case it got half way
+                    raise
+                self._routes[request_id] = (sub, index)
+                sub.request_ids.append(request_id)
+        except Exception as e:
+            self._abort(sub)
+            sub.error = e
+        sub.accepted.set()
+
+    def _abort(self, sub: Submission) -> None:
+        aborted = 0
+        for request_id in sub.request_ids:
+            if self._routes.pop(request_id, None) is not None:
+                aborted += self.engine.abort_request(request_id)
+        if aborted:
+            self._on_aborted(aborted)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; ending every request in flight")
+            self._fail_all("internal error in the engine (see the server log)")
+            return
+        for output in outputs:
+            route = self._routes.get(output.request_id)
+            if route is None:
+                continue
+            sub, index = route
+            sub.outputs.put((index, output))
+            if output.finished:
+                del self._routes[output.request_id]
+                self._on_finished(output)
+
+    def _fail_all(self, message: str) -> None:
+        failed = 0
+        for request_id, (sub, _) in list(self._routes.items()):
+            try:
+                failed += self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("could not abort request %s", request_id)
+            sub.outputs.put(EngineFailure(message))
+        self._routes.clear()
+        if failed:
+            self._on_aborted(failed)
+
+    def _refuse_all(self, message: str) -> None:
+        self._refusal = message
+        self._fail_all(message)
+
+    def _exit(self) -> None:
+        self._running = False
+
+
+class _ThroughputLog:
+    """vLLM's periodic log line: throughput since the last line, queue sizes, cache usage."""
+
+    def __init__(self, interval: float, stats: EngineStats) -> None:
+        self.interval = interval
+        self.last_time = time.monotonic()
+        self.last = stats
+
+    def maybe_log(self, stats: EngineStats) -> None:
+        now = time.monotonic()
+        elapsed = now - self.last_time
+        if elapsed < self.interval:
+            return
+        last, self.last, self.last_time = self.last, stats, now
+        prompt = stats.prompt_tokens - last.prompt_tokens
+        generated = stats.generation_tokens - last.generation_tokens
+        busy = stats.num_running or stats.num_waiting or last.num_running or last.num_waiting
+        if not (busy or prompt or generated):
+            return  # idle: nothing new to say
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+            "Prefix cache hit rate: %.1f%%",
+            prompt / elapsed,
+            generated / elapsed,
+            stats.num_running,
+            stats.num_waiting,
+            100 * stats.kv_cache_usage,
+            100 * stats.prefix_cache_hit_rate,
+        )
+        if stats.spec is not None and stats.spec.num_drafts:
+            spec = stats.spec
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted: %d tokens, "
+                "Drafted: %d tokens, Per-position acceptance rate: %s, Avg Draft acceptance rate: %.1f%%",
+                spec.mean_acceptance_length,
+                spec.num_accepted_tokens,
+                spec.num_draft_tokens,
+                ", ".join(f"{n / spec.num_drafts:.3f}" for n in spec.accepted_per_pos),
+                100 * spec.acceptance_rate,
+            )

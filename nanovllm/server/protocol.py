@@ -1,0 +1,374 @@
+"""Request validation for /v1/completions and /v1/chat/completions: one path for both.
+
+`parse_completion` and `parse_chat` check what belongs to their endpoint (prompt or messages,
+the logprobs shape, echo), then `_sampling_params` checks the shared fields: their JSON types
+here, their ranges in `SamplingParams` (the one place that knows them). A field the server
+cannot honour is refused with a 400 that names it; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.server.errors import bad_request
+
+Prompt = str | list[int]
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_CHOICES = 128  # prompts x n in one request
+ROLES = ("system", "user", "assistant")
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               dict: "an object", list: "an array"}  # fmt: skip
+
+# Fields both endpoints accept, with their JSON type (float means any number).
+_SAMPLING_FIELDS: dict[str, type] = {
+    "n": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
+    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
+    "seed": int, "min_tokens": int, "ignore_eos": bool, "include_stop_str_in_output": bool,
+    "skip_special_tokens": bool,
+}  # fmt: skip
+_COMMON_FIELDS = {
+    *_SAMPLING_FIELDS, "model", "max_tokens", "stop", "stop_token_ids", "stream",
+    "stream_options", "user", "logprobs", "logit_bias",
+}  # fmt: skip
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of", "add_special_tokens"}
+_CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "response_format",
+}  # fmt: skip
+
+# Accepted only with the value that asks for nothing; anything else is refused by name.
+_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "suffix": (lambda v: v == "", "suffix (text after the insertion) is not supported"),
+    "best_of": (lambda v: v == 1, "best_of other than 1 is not supported"),
+    "logit_bias": (lambda v: v == {}, "logit_bias is not supported"),
+    "tools": (lambda v: v == [], "tools (function calling) are not supported"),
+    "functions": (lambda v: v == [], "functions (function calling) are not supported"),
+    "tool_choice": (lambda v: v == "none", "tool_choice is not supported (only 'none')"),
+    "function_call": (lambda v: v == "none", "function_call is not supported (only 'none')"),
+    "response_format": (
+        lambda v: v == {"type": "text"},
+        "response_format is not supported (only {'type': 'text'})",
+    ),
+}
+
+
+@dataclass(slots=True)
+class ProtocolContext:
+    """What validation needs from the server: defaults, names, the chat template."""
+
+    defaults: SamplingParams  # generation_config + the command line's sampling flags
+    model_name: str  # the name responses carry
+    accepted_names: frozenset[str]  # names a request may ask for
+    render_chat: Callable[..., str]  # (messages, add_generation_prompt) -> prompt text
+    vocab_size: int  # of the tokenizer: the ids /detokenize accepts
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """A validated generation request, whichever endpoint it came from."""
+
+    endpoint: str  # "completion" or "chat"
+    prompts: list[Prompt]
+    params: SamplingParams
+    add_special_tokens: bool
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+# ---- the two endpoints -------------------------------------------------------------------
+def parse_completion(body: dict, ctx: ProtocolContext) -> GenerateRequest:
+    _check_fields(body, _COMPLETION_FIELDS)
+    check_model(body, ctx)
+    prompts = parse_prompt(_required(body, "prompt"))
+    logprobs = _bounded_int(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = _typed(body, "echo", bool) or False
+    if echo and logprobs is not None:
+        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    changes: dict[str, Any] = {"logprobs": logprobs}
+    max_tokens = _typed(body, "max_tokens", int)
+    if max_tokens is not None:  # else the default (16, as in OpenAI's legacy API)
+        changes["max_tokens"] = max_tokens
+    return _request(body, ctx, "completion", prompts, changes,
+                    add_special_tokens=_typed(body, "add_special_tokens", bool) is not False,
+                    echo=echo)  # fmt: skip
+
+
+def parse_chat(body: dict, ctx: ProtocolContext) -> GenerateRequest:
+    _check_fields(body, _CHAT_FIELDS)
+    check_model(body, ctx)
+    messages = parse_messages(_required(body, "messages"))
+    _typed(body, "parallel_tool_calls", bool)  # meaningless without tools, which are refused
+    changes: dict[str, Any] = {"logprobs": _chat_logprobs(body)}
+    legacy_max = _typed(body, "max_tokens", int)
+    max_tokens = _typed(body, "max_completion_tokens", int)
+    max_name = "max_tokens" if max_tokens is None else "max_completion_tokens"
+    # Without a limit, a reply may fill the rest of the context (vLLM's behaviour).
+    changes["max_tokens"] = legacy_max if max_tokens is None else max_tokens
+    try:
+        prompt = ctx.render_chat(messages)
+    except ValueError as e:  # the template refused the conversation, or there is none
+        raise bad_request(str(e), "messages") from e
+    # The template already holds the BOS token if the model wants one.
+    return _request(body, ctx, "chat", [prompt], changes, add_special_tokens=False,
+                    aliases={"max_tokens": max_name})  # fmt: skip
+
+
+def _request(
+    body: dict, ctx: ProtocolContext, endpoint: str, prompts: list[Prompt], changes: dict,
+    add_special_tokens: bool, echo: bool = False, aliases: dict | None = None,
+) -> GenerateRequest:  # fmt: skip
+    stream = _typed(body, "stream", bool) or False
+    _typed(body, "user", str)  # accepted for OpenAI compatibility; it changes nothing here
+    params = _sampling_params(body, ctx.defaults, changes, aliases or {})
+    request = GenerateRequest(endpoint, prompts, params, add_special_tokens, stream,
+                              _include_usage(body, stream), echo)  # fmt: skip
+    if request.num_choices > MAX_CHOICES:
+        raise bad_request(
+            f"this request asks for {request.num_choices} choices ({len(prompts)} prompts x "
+            f"n={params.n}); the limit is {MAX_CHOICES}",
+            "n",
+        )
+    return request
+
+
+@dataclass(slots=True)
+class TokenizeRequest:
+    text: str
+    add_special_tokens: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: dict, ctx: ProtocolContext) -> TokenizeRequest:
+    """vLLM's /tokenize: a `prompt` string, or chat `messages` rendered by the template."""
+    chat = body.get("messages") is not None
+    fields = {"model", "add_special_tokens", "return_token_strs"}
+    _check_fields(body, fields | ({"messages", "add_generation_prompt"} if chat else {"prompt"}))
+    check_model(body, ctx)
+    strs = _typed(body, "return_token_strs", bool) or False
+    special = _typed(body, "add_special_tokens", bool)
+    if not chat:
+        _required(body, "prompt")
+        prompt = _typed(body, "prompt", str)
+        return TokenizeRequest(prompt, special is not False, strs)
+    messages = parse_messages(body["messages"])
+    add_generation_prompt = _typed(body, "add_generation_prompt", bool) is not False
+    try:
+        text = ctx.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from e
+    return TokenizeRequest(text, special is True, strs)
+
+
+def parse_detokenize(body: dict, ctx: ProtocolContext) -> list[int]:
+    _check_fields(body, {"model", "tokens"})
+    check_model(body, ctx)
+    tokens = _int_list(_required(body, "tokens"), "tokens")
+    bad = [t for t in tokens if not 0 <= t < ctx.vocab_size]
+    if bad:
+        raise bad_request(
+            f"token id {bad[0]} is not in the vocabulary [0, {ctx.vocab_size})", "tokens"
+        )
+    return tokens
+
+
+# ---- shared fields -----------------------------------------------------------------------
+def _sampling_params(
+    body: dict, defaults: SamplingParams, changes: dict, aliases: dict[str, str]
+) -> SamplingParams:
+    for name, (is_neutral, message) in _NEUTRAL.items():
+        if body.get(name) is not None and not is_neutral(body[name]):
+            raise bad_request(message, name, "unsupported_parameter")
+    values = {name: _typed(body, name, kind) for name, kind in _SAMPLING_FIELDS.items()}
+    values = {name: value for name, value in values.items() if value is not None}
+    if values.get("seed") is not None and values["seed"] < 0:
+        raise bad_request(f"seed must be non-negative, got {values['seed']}", "seed")
+    if body.get("stop") is not None:
+        values["stop"] = _stop(body["stop"])
+    if body.get("stop_token_ids") is not None:
+        values["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids")
+    values.update(changes)
+    try:
+        return defaults.clone(**values)
+    except ValueError as e:  # SamplingParams' range checks; its message starts with the field
+        name = str(e).split(" ", 1)[0]
+        raise bad_request(_rename(str(e), aliases), aliases.get(name, name)) from e
+
+
+def _rename(message: str, aliases: dict[str, str]) -> str:
+    for name, alias in aliases.items():
+        message = message.replace(name, alias)
+    return message
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("stop must be a non-empty string or a list of non-empty strings", "stop")
+    return stops
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+    if not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    _check_fields(options, {"include_usage"}, where="stream_options.")
+    return _typed(options, "include_usage", bool, where="stream_options.") or False
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    wanted = _typed(body, "logprobs", bool) or False
+    top = _bounded_int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def check_model(body: dict, ctx: ProtocolContext) -> None:
+    """`model` may be left out; if given, it must name the model this server serves."""
+    model = _typed(body, "model", str)
+    if model is not None and model not in ctx.accepted_names:
+        raise bad_request(
+            f"the model '{model}' does not exist; this server serves '{ctx.model_name}'",
+            "model",
+            "model_not_found",
+        )
+
+
+# ---- prompts and messages ----------------------------------------------------------------
+def parse_prompt(value: Any) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        prompts: list[Prompt] = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        prompts = list(value)
+    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+        prompts = [list(value)]
+    elif isinstance(value, list) and value and all(_is_id_list(p) for p in value):
+        prompts = [list(p) for p in value]
+    else:
+        raise bad_request(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of "
+            "token-id lists (none of them empty)",
+            "prompt",
+        )
+    if any(p == "" for p in prompts):
+        raise bad_request("prompt must not be empty", "prompt")
+    return prompts
+
+
+def parse_messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages must be a non-empty array of messages", "messages")
+    return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
+
+
+def _message(message: Any, where: str) -> dict:
+    if not isinstance(message, dict):
+        raise bad_request(f"{where} must be an object with 'role' and 'content'", where)
+    unknown = sorted(set(message) - {"role", "content", "name"})
+    if unknown:
+        raise bad_request(f"{where} has unsupported field(s): {', '.join(unknown)}", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_request(
+            f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role"
+        )
+    parsed = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+    name = _typed(message, "name", str, where=f"{where}.")
+    if name is not None:
+        parsed["name"] = name
+    return parsed
+
+
+def _content(content: Any, where: str) -> str:
+    """A string, or a list of text parts joined by newlines (as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{where} must be a string or a non-empty array of text parts", where)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise bad_request(
+                f"{where}[{i}] must be a text part {{'type': 'text', 'text': ...}}; got {kind!r} "
+                "(only text is supported)",
+                f"{where}[{i}]",
+            )
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise bad_request(f"{where}[{i}] must have a string 'text' and nothing else", where)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+# ---- JSON type checks --------------------------------------------------------------------
+def _check_fields(body: dict, allowed: set[str], where: str = "") -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise bad_request(
+            f"unrecognized request argument: {where}{unknown[0]}",
+            where + unknown[0],
+            "unknown_parameter",
+        )
+
+
+def _required(body: dict, name: str) -> Any:
+    if body.get(name) is None:
+        raise bad_request(f"missing required field '{name}'", name, "missing_required_parameter")
+    return body[name]
+
+
+def _typed(body: dict, name: str, kind: type, where: str = "") -> Any:
+    """body[name] if present and not null, after checking its JSON type; else None."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) if kind is float else isinstance(value, kind)
+    if ok and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise bad_request(
+        f"{where}{name} must be {_TYPE_NAMES[kind]}, got {_json_type(value)}",
+        where + name,
+        "invalid_type",
+    )
+
+
+def _bounded_int(body: dict, name: str, low: int, high: int) -> int | None:
+    value = _typed(body, name, int)
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"{name} must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def _int_list(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(t) for t in value):
+        raise bad_request(f"{name} must be an array of integers", name, "invalid_type")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(t) for t in value)
+
+
+def _json_type(value: Any) -> str:
+    for kind in (bool, int, float, str, dict, list):
+        if isinstance(value, kind):
+            return _TYPE_NAMES[kind].split(" ", 1)[1]
+    return type(value).__name__

@@ -1,0 +1,182 @@
+"""OpenAI response shapes built from engine outputs: full responses, stream chunks, logprobs.
+
+One `ResponseBuilder` per HTTP request. Choice `i` of prompt `p` is choice `p * n + i` of the
+response, as in OpenAI and vLLM. The two endpoints differ only in how a choice, a delta and
+its logprobs look; ids, usage and the bookkeeping of a stream are shared.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from nanovllm.engine.sampler import TokenLogprobs
+from nanovllm.models.tokenizer import Tokenizer
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.server.protocol import GenerateRequest
+
+# JSON has no -Infinity; vLLM clamps impossible tokens' logprobs to this.
+_MIN_LOGPROB = -9999.0
+
+
+class ResponseBuilder:
+    def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, model_name: str) -> None:
+        self.request = request
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.chat = request.endpoint == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.latest: dict[int, RequestOutput] = {}  # prompt index -> its latest output
+        self.finished: set[int] = set()  # choices whose finish chunk was sent
+        self.offsets: dict[int, int] = {}  # choice -> text_offset of its next token (legacy)
+
+    # ---- full responses --------------------------------------------------------------------
+    def response(self, outputs: list[RequestOutput]) -> dict:
+        self.latest = dict(enumerate(outputs))
+        choices = [
+            self._choice(prompt_index, output, choice)
+            for prompt_index, output in enumerate(outputs)
+            for choice in output.outputs
+        ]
+        choices.sort(key=lambda c: c["index"])
+        return {**self._header(""), "choices": choices, "usage": self.usage()}
+
+    def _choice(self, prompt_index: int, output: RequestOutput, choice: CompletionOutput) -> dict:
+        index = self._index(prompt_index, choice)
+        if self.chat:
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": self._chat_logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
+            }
+        prefix = self._echo(output)
+        return {
+            "index": index,
+            "text": prefix + choice.text,
+            "logprobs": self._legacy_logprobs(index, choice.logprobs, start=len(prefix)),
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        }
+
+    def usage(self) -> dict:
+        prompt = sum(len(o.prompt_token_ids) for o in self.latest.values())
+        completion = sum(len(c.token_ids) for o in self.latest.values() for c in o.outputs)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    # ---- stream chunks ---------------------------------------------------------------------
+    def first_chunks(self) -> list[dict]:
+        """Chat streams open with the assistant role of every choice, as OpenAI's do."""
+        if not self.chat:
+            return []
+        delta = {"role": "assistant", "content": ""}
+        return [
+            self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+            for i in range(self.request.num_choices)
+        ]
+
+    def delta_chunks(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        """One chunk per choice of `output` with new text, new logprobs or a new finish."""
+        self.latest[prompt_index] = output
+        chunks = []
+        for choice in output.outputs:
+            index = self._index(prompt_index, choice)
+            if index in self.finished:
+                continue
+            if choice.finished:
+                self.finished.add(index)
+            elif not choice.delta_text and not choice.delta_logprobs:
+                continue  # nothing to show yet (held back for UTF-8 or a possible stop string)
+            chunks.append(self._chunk([self._delta_choice(index, output, choice)]))
+        return chunks
+
+    def usage_chunk(self) -> dict:
+        return {**self._chunk([]), "usage": self.usage()}
+
+    def _delta_choice(self, index: int, output: RequestOutput, choice: CompletionOutput) -> dict:
+        reason = choice.finish_reason
+        if self.chat:
+            return {
+                "index": index,
+                "delta": {"content": choice.delta_text},
+                "logprobs": self._chat_logprobs(choice.delta_logprobs),
+                "finish_reason": reason,
+                "stop_reason": choice.stop_reason,
+            }
+        first = index not in self.offsets
+        prefix = self._echo(output) if first else ""
+        return {
+            "index": index,
+            "text": prefix + choice.delta_text,
+            "logprobs": self._legacy_logprobs(index, choice.delta_logprobs, start=len(prefix)),
+            "finish_reason": reason,
+            "stop_reason": choice.stop_reason,
+        }
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        return {**self._header(".chunk"), "choices": choices}
+
+    def _header(self, suffix: str) -> dict:
+        kind = "chat.completion" + suffix if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+
+    def _index(self, prompt_index: int, choice: CompletionOutput) -> int:
+        return prompt_index * self.request.params.n + choice.index
+
+    def _echo(self, output: RequestOutput) -> str:
+        if not self.request.echo:
+            return ""
+        if output.prompt is not None:
+            return output.prompt
+        return self.tokenizer.decode(output.prompt_token_ids)
+
+    # ---- logprobs --------------------------------------------------------------------------
+    def _legacy_logprobs(
+        self, index: int, entries: list[TokenLogprobs] | None, start: int
+    ) -> dict | None:
+        """The completions API's shape; text_offset counts on across the chunks of a stream."""
+        offset = self.offsets.get(index, 0) + start
+        if entries is None:
+            self.offsets[index] = offset
+            return None
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for entry in entries:
+            text = self._token_text(entry.token_id)
+            top = {self._token_text(t): _clamp(lp) for t, lp in entry.top}
+            top.setdefault(text, _clamp(entry.logprob))  # vLLM lists the sampled token too
+            tokens.append(text)
+            logprobs.append(_clamp(entry.logprob))
+            tops.append(top)
+            offsets.append(offset)
+            offset += len(text)
+        self.offsets[index] = offset
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
+                "text_offset": offsets}  # fmt: skip
+
+    def _chat_logprobs(self, entries: list[TokenLogprobs] | None) -> dict | None:
+        if entries is None:
+            return None
+        content = [
+            {**self._token_logprob(entry.token_id, entry.logprob),
+             "top_logprobs": [self._token_logprob(t, lp) for t, lp in entry.top]}
+            for entry in entries
+        ]  # fmt: skip
+        return {"content": content, "refusal": None}
+
+    def _token_logprob(self, token_id: int, logprob: float) -> dict:
+        text = self._token_text(token_id)
+        return {"token": text, "logprob": _clamp(logprob), "bytes": list(text.encode("utf-8"))}
+
+    def _token_text(self, token_id: int) -> str:
+        # Part of a multi-byte character decodes to U+FFFD, as in vLLM.
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _clamp(logprob: float) -> float:
+    return max(float(logprob), _MIN_LOGPROB)

@@ -1,0 +1,44 @@
+"""`nanovllm serve` flags: the defaults users rely on, and one-line errors for bad ones."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanovllm.server.cli import add_serve_parser
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nanovllm")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_defaults_of_the_original_design():
+    args = parse()
+    assert (args.model, args.port, args.host) == ("Qwen/Qwen3-0.6B", 8000, "0.0.0.0")
+    assert (args.num_blocks, args.max_requests, args.num_speculative_tokens) == (512, 8, 3)
+    assert args.api_key is None and args.served_model_name is None and args.draft_model is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
+        (["--api-key", ""], "--api-key must not be empty"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_bad_flags_give_a_one_line_error(flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "nanovllm.server.cli", "--device", "cpu", *flags],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("nanovllm: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
