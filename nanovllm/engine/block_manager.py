@@ -54,6 +54,15 @@ class BlockManager:
     def num_cached_free_blocks(self) -> int:
         return sum(1 for b in self.free if self.blocks[b].hash is not None)
 
+    def block_states(self) -> str:
+        """One character per block: u(sed), s(hared), c(ached but free), . (free)."""
+        return "".join(
+            ("s" if b.ref_count > 1 else "u")
+            if b.ref_count
+            else ("c" if b.hash is not None else ".")
+            for b in self.blocks
+        )
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -20,7 +20,7 @@ from nanovllm.engine.model_runner import ForwardItem, ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Request, Sequence
 from nanovllm.engine.spec_decode import SpecDecoder
-from nanovllm.engine.stats import EngineStats
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, SequenceView
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import build_model, load_checkpoint
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -373,3 +373,24 @@ class LLMEngine:
             num_steps=counters["steps"],
             spec=None if self.spec is None else self.spec.stats.snapshot(),
         )
+
+    def snapshot(self) -> EngineSnapshot:
+        now = time.monotonic()
+        views = [
+            SequenceView(
+                request_id=seq.request.request_id,
+                index=seq.index,
+                state=state,
+                prompt_tokens=seq.num_prompt_tokens,
+                output_tokens=seq.num_output_tokens,
+                computed_tokens=seq.num_computed_tokens,
+                num_blocks=len(seq.block_table),
+                age_s=now - seq.request.arrival_time,
+            )
+            for state, seqs in (
+                ("running", self.scheduler.running),
+                ("waiting", self.scheduler.waiting),
+            )
+            for seq in seqs
+        ]
+        return EngineSnapshot(views, self.block_manager.block_states())

@@ -36,3 +36,25 @@ class EngineStats:
         return (
             self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
         )
+
+
+@dataclass(slots=True)
+class SequenceView:
+    request_id: str
+    index: int
+    state: str  # "running" or "waiting"
+    prompt_tokens: int
+    output_tokens: int
+    computed_tokens: int
+    num_blocks: int
+    age_s: float
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """What Prometheus cannot carry: every live sequence and the state of every KV block."""
+
+    sequences: list[SequenceView]
+    # One character per block: "u" used by one sequence, "s" shared by several, "c" free but
+    # holding a reusable cached prefix, "." free.
+    blocks: str
