@@ -224,3 +224,7 @@ def add_bench_parser(sub) -> None:
     oh.add_argument("--steps", type=int, default=100)
     oh.add_argument("--json", action="store_true")
     oh.set_defaults(func=cmd_overhead)
+
+    from nanovllm.bench_serve import add_serve_bench_parser
+
+    add_serve_bench_parser(kinds)

@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument(
+        "--max-tokens", type=int, default=None, help="default: up to the model's length"
+    )
     gen.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )

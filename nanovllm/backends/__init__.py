@@ -35,6 +35,8 @@ def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
         from nanovllm.backends.cpu import CPUBackend
 
         return CPUBackend(np.float32)
-    raise NanovllmError(
-        f"device {device!r} is not available in this build (CUDA backend pending); use --device cpu"
-    )
+    if device in ("cuda", "cuda-emulated"):
+        from nanovllm.backends.cuda import CUDABackend
+
+        return CUDABackend(dtype, emulated=device == "cuda-emulated")
+    raise NanovllmError(f"unknown device {device!r}; use cpu, cuda or cuda-emulated")

@@ -55,13 +55,14 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         return self.buffer.value()
 
-    def add_tokens(self, token_ids: Sequence[int]) -> str | None:
-        """Feed newly generated ids; returns the stop string once one has matched."""
+    def add_tokens(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
+        """Feed newly generated ids; returns the stop string once one has matched.
+        check_stop=False (below min_tokens) lets text pass that may not end the output."""
         for token_id in token_ids:
             if self.matched_stop is not None:
                 break
             self.window.append(token_id)
-            self._emit(self._decode_new(flush=False))
+            self._emit(self._decode_new(flush=False), check_stop)
         return self.matched_stop
 
     def finish(self) -> str | None:
@@ -102,12 +103,14 @@ class IncrementalDetokenizer:
         self.read = len(self.window)
         return full[len(prefix) :]
 
-    def _emit(self, new_text: str) -> None:
+    def _emit(self, new_text: str, check_stop: bool = True) -> None:
         if not new_text:
             return
         start = max(self.buffer.length - self.holdback, 0)
         searched = self.buffer.since(start) + new_text
         self.buffer.append(new_text)
+        if not check_stop:
+            return
         match = first_stop(searched, len(searched) - len(new_text), self.stop)
         if match is not None:
             index, self.matched_stop = match

@@ -288,7 +288,7 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params, num_out = seq.params, seq.num_output_tokens
-        can_stop = num_out >= params.min_tokens
+        can_stop = num_out > params.min_tokens  # vLLM: stop rules apply from token min_tokens + 1
         stop_token = can_stop and (
             token in params.stop_token_ids
             or (not params.ignore_eos and token in self.eos_token_ids)
@@ -296,11 +296,11 @@ class LLMEngine:
         if stop_token and not params.include_stop_str_in_output:
             stop_string = None
         else:
-            stop_string = seq.detokenizer.add_tokens([token])
+            stop_string = seq.detokenizer.add_tokens([token], check_stop=can_stop)
         if stop_token:
             reason = token if token in params.stop_token_ids else None
             self._finish(seq, "stop", reason)
-        elif stop_string is not None:  # min_tokens holds back EOS and stop ids only, as in vLLM
+        elif stop_string is not None:
             self._finish(seq, "stop", stop_string)
         elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")

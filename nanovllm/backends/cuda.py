@@ -1,0 +1,358 @@
+"""The CUDA backend: CuPy arrays, cuBLAS matmuls through CuPy, and every fused op a kernel of kernels/.
+
+The same class runs on the emulated device ("cuda-emulated"): NumPy arrays stand in for CuPy
+arrays and the CPU emulator's modules for CuPy's RawModules, so the launch code below (grid,
+block, argument order and types) is exactly what a GPU gets.
+
+Kernels are picked by the dtype of their inputs: float32, float16, or bfloat16 stored as uint16
+(neither NumPy nor CuPy has a bfloat16 dtype). The backend computes in float16 by default or in
+float32; bfloat16 checkpoints are converted at load. Kernel scalars are passed as NumPy scalars
+of the width the kernel declares (CuPy would pass a Python int as a 64-bit integer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from nanovllm.backends.base import AttentionMetadata
+from nanovllm.backends.kernel_library import (
+    ATTENTION_HEAD_DIMS,
+    ATTENTION_QUERY_VECTORS,
+    ATTENTION_THREADS,
+    KernelLibrary,
+)
+from nanovllm.errors import NanovllmError
+
+Array = Any
+COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
+
+
+class CUDABackend:
+    """Ops of the Backend protocol (nanovllm/backends/base.py) on a GPU or the emulated device."""
+
+    def __init__(
+        self,
+        dtype: str = "float16",
+        emulated: bool = False,
+        emulator_options: dict[str, Any] | None = None,
+    ) -> None:
+        if dtype not in COMPUTE_DTYPES:
+            raise NanovllmError(
+                f"the CUDA backend computes in float16 or float32, not {dtype}; bfloat16 "
+                "checkpoints are converted to float16 at load (use --dtype float16 or float32)"
+            )
+        self.name = "cuda-emulated" if emulated else "cuda"
+        self.dtype = np.dtype(COMPUTE_DTYPES[dtype])
+        self.emulated = emulated
+        self.xp = np if emulated else _cupy()
+        self.kernels = KernelLibrary(emulated, emulator_options)
+
+    # ---- arrays ------------------------------------------------------------------------------
+    def asarray(self, x: np.ndarray, dtype: Any = None) -> Array:
+        if dtype is not None and np.dtype(dtype) == np.float16:
+            _warn_if_overflows_float16(x)
+        with np.errstate(over="ignore"):  # warned about above, with the weight's shape
+            return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return x.get() if hasattr(x, "get") else np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
+        return self.xp.zeros(shape, dtype=dtype or self.dtype)
+
+    # ---- ops through CuPy -------------------------------------------------------------------
+    def embedding(self, ids: Array, weight: Array) -> Array:
+        return self.xp.take(weight, ids, axis=0)
+
+    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
+        if self.emulated and x.dtype == np.float16:
+            # NumPy has no float16 GEMM with a float32 accumulator; cuBLAS (through CuPy) has.
+            out = x.astype(np.float32) @ weight.T.astype(np.float32)
+            if bias is not None:
+                out += bias
+            return out.astype(np.float16)
+        out = x @ weight.T
+        if bias is not None:
+            out += bias
+        return out
+
+    # ---- ops through kernels/ ---------------------------------------------------------------
+    def rms_norm(
+        self, x: Array, weight: Array, eps: float, residual: Array | None = None
+    ) -> tuple[Array, Array]:
+        x, token_stride = self._token_rows(x)
+        hidden = x.shape[-1]
+        heads = math.prod(x.shape[1:-1])  # > 1 for a [tokens, heads, head_dim] view
+        rows = x.shape[0] * heads
+        out = self.xp.empty(x.shape, dtype=x.dtype)
+        if rows == 0:
+            return out, x if residual is None else residual
+        common = (np.int64(token_stride), np.int32(heads))
+        tail = (self._contiguous(weight, x.dtype), np.float32(eps), np.int32(hidden))
+        block = (_threads(hidden, limit=256),)
+        if residual is None:
+            fn = self._kernel("norm", "rms_norm", x.dtype)
+            fn((rows,), block, (out, x, *common, *tail))
+            return out, x
+        residual_out = self.xp.empty(x.shape, dtype=x.dtype)
+        residual = self._contiguous(residual, x.dtype)
+        fn = self._kernel("norm", "add_rms_norm", x.dtype)
+        fn((rows,), block, (out, residual_out, x, *common, residual, *tail))
+        return out, residual_out
+
+    def rotary(self, q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:
+        q, q_stride = self._token_rows(q)
+        k, k_stride = self._token_rows(k)
+        num_tokens, num_heads, head_dim = q.shape
+        _check_same_dtype(q, k)
+        q_out = self.xp.empty(q.shape, dtype=q.dtype)
+        k_out = self.xp.empty(k.shape, dtype=q.dtype)
+        if num_tokens == 0:
+            return q_out, k_out
+        pairs = (num_heads + k.shape[1]) * head_dim // 2
+        args = (
+            q_out, k_out, q, np.int64(q_stride), k, np.int64(k_stride),
+            self._contiguous(positions, np.int64), self._contiguous(cos_sin, np.float32),
+            np.int32(num_heads), np.int32(k.shape[1]), np.int32(head_dim),
+        )  # fmt: skip
+        self._kernel("rotary", "rotary", q.dtype)((num_tokens,), (_threads(pairs),), args)
+        return q_out, k_out
+
+    def silu_and_mul(self, x: Array) -> Array:
+        width = x.shape[-1] // 2
+        x = self.xp.ascontiguousarray(x)
+        out = self.xp.empty((*x.shape[:-1], width), dtype=x.dtype)
+        rows = math.prod(x.shape[:-1])
+        if rows:
+            fn = self._kernel("activation", "silu_and_mul", x.dtype)
+            fn((rows,), (_threads(width),), (out, x, np.int32(width)))
+        return out
+
+    def write_kv(
+        self, k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array
+    ) -> None:
+        k, k_stride = self._token_rows(k)
+        v, v_stride = self._token_rows(v)
+        if k.shape[0] == 0:
+            return
+        _check_same_dtype(k, v)
+        _check_cache(k_cache, v_cache, k.dtype)
+        row_size = k.shape[1] * k.shape[2]
+        args = (
+            k_cache, v_cache, k, np.int64(k_stride), v, np.int64(v_stride), self._contiguous(slot_mapping, np.int64), np.int32(row_size),
+        )  # fmt: skip
+        self._kernel("cache", "write_kv", k.dtype)((k.shape[0],), (_threads(row_size),), args)
+
+    def paged_attention(
+        self, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float
+    ) -> Array:
+        q = self.xp.ascontiguousarray(q)
+        num_tokens, num_heads, head_dim = q.shape
+        out = self.xp.empty(q.shape, dtype=q.dtype)
+        if num_tokens == 0:
+            return out
+        _check_cache(k_cache, v_cache, q.dtype)
+        if head_dim not in ATTENTION_HEAD_DIMS:
+            raise NanovllmError(
+                f"head_dim {head_dim} has no paged-attention kernel; kernels/paged_attention.cu "
+                f"is built for {', '.join(map(str, ATTENTION_HEAD_DIMS))}"
+            )
+        num_kv_heads = k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        max_query_len = int(meta.query_lens_host.max())
+        grid = (-(-max_query_len * group // ATTENTION_QUERY_VECTORS), meta.num_seqs, num_kv_heads)
+        tables = self._contiguous(meta.block_tables, np.int32)
+        args = (
+            out, q, k_cache, v_cache, tables,
+            self._contiguous(meta.query_start, np.int32),
+            self._contiguous(meta.context_lens, np.int32),
+            np.float32(scale), np.int32(num_heads), np.int32(num_kv_heads),
+            np.int32(meta.block_size), np.int32(tables.shape[1]),
+        )  # fmt: skip
+        name = f"paged_attention_{_SUFFIX[q.dtype]}_d{head_dim}"
+        self.kernels.function("paged_attention", name)(grid, (ATTENTION_THREADS,), args)
+        return out
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _kernel(self, family: str, op: str, dtype: Any):
+        suffix = _SUFFIX.get(np.dtype(dtype))
+        if suffix is None:
+            raise NanovllmError(f"no {op} kernel for dtype {dtype}")
+        return self.kernels.function(family, f"{op}_{suffix}")
+
+    def _contiguous(self, x: Array, dtype: Any) -> Array:
+        """x as a C-contiguous array of dtype, copying only when it is not one already."""
+        return self.xp.ascontiguousarray(x, dtype=dtype)
+
+    def _token_rows(self, x: Array) -> tuple[Array, int]:
+        """x with contiguous inner dims, and its token (first-axis) stride in elements.
+
+        The model slices q, k and v out of the fused qkv output: [tokens, heads, head_dim] views
+        whose tokens are further apart than heads * head_dim. Kernels take that stride, so such
+        views need no copy; anything else is made contiguous.
+        """
+        item, row = x.itemsize, math.prod(x.shape[1:])
+        inner_contiguous = all(
+            x.strides[axis] == math.prod(x.shape[axis + 1 :]) * item
+            for axis in range(1, x.ndim)
+            if x.shape[axis] > 1
+        )
+        stride = x.strides[0] // item if x.shape[0] > 1 else row
+        if not inner_contiguous or x.strides[0] % item or stride < row:
+            return self.xp.ascontiguousarray(x), row
+        return x, stride
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise NanovllmError(
+            "--device cuda needs CuPy: pip install 'nanovllm[cuda]' (cupy-cuda12x and the NVRTC "
+            "and CUDA runtime wheels)"
+        ) from None
+    try:
+        available = bool(cupy.cuda.is_available())
+    except Exception:
+        available = False
+    if not available:
+        raise NanovllmError(
+            "no usable CUDA GPU (cupy.cuda.is_available() is False); use --device cpu, or "
+            "--device cuda-emulated to run the CUDA kernels on the CPU emulator"
+        )
+    return cupy
+
+
+def _threads(work: int, limit: int = 1024) -> int:
+    """Threads per block for `work` independent items: a multiple of 32, at most `limit`."""
+    return max(32, min(limit, -(-work // 32) * 32))
+
+
+def _check_same_dtype(a: Array, b: Array) -> None:
+    if a.dtype != b.dtype:
+        raise NanovllmError(f"mixed dtypes {a.dtype} and {b.dtype} in one kernel call")
+
+
+def _check_cache(k_cache: Array, v_cache: Array, dtype: Any) -> None:
+    if k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise NanovllmError(
+            f"KV cache dtype {k_cache.dtype}/{v_cache.dtype} does not match activations {dtype}"
+        )
+    if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+        raise NanovllmError("KV caches must be contiguous [num_blocks, block_size, heads, dim]")
+
+
+def _warn_if_overflows_float16(x: Any) -> None:
+    """Warn when converting a wider float array to float16 turns values into inf."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 2 or not x.size:
+        return
+    peak = float(np.abs(x).max())
+    if peak > FLOAT16_MAX:
+        warnings.warn(
+            f"a weight of shape {x.shape} reaches {peak:.4g}, beyond float16's range "
+            f"({FLOAT16_MAX:g}); it becomes inf. Use --dtype float32.",
+            stacklevel=3,
+        )
+
+
+def bf16_from_float32(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even like __float2bfloat16_rn."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (rounded >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
+
+
+def float32_from_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """A float32 host array in the layout the kernels take for dtype: float32, float16, or
+    bfloat16 as uint16 bits."""
+    if dtype == "bfloat16":
+        return bf16_from_float32(x)
+    return np.asarray(x, dtype=dtype)
+
+
+def from_storage(x: np.ndarray) -> np.ndarray:
+    """The inverse of to_storage: float32 values of a float32, float16 or bfloat16 array."""
+    if x.dtype == np.uint16:
+        return float32_from_bf16(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+def kv_cache_block_bytes(
+    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: Any
+) -> int:
+    """Bytes of one block across all layers, keys and values."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * np.dtype(dtype).itemsize
+
+
+def num_blocks_for_budget(
+    free_bytes: int,
+    total_bytes: int,
+    gpu_memory_utilization: float,
+    block_bytes: int,
+    reserve_bytes: int = 0,
+) -> int:
+    """How many KV blocks fit, vLLM-style: the engine may use `gpu_memory_utilization` of the
+    GPU's total memory; what is in use now (weights, other processes) and a reserve for
+    activations come off first, and the rest is KV cache."""
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise NanovllmError(
+            f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}"
+        )
+    in_use = total_bytes - free_bytes
+    budget = int(total_bytes * gpu_memory_utilization) - in_use - reserve_bytes
+    blocks = budget // block_bytes if budget > 0 else 0
+    if blocks < 1:
+        raise NanovllmError(
+            f"no room for the KV cache: {in_use / 2**30:.2f} GiB of {total_bytes / 2**30:.2f} GiB "
+            f"in use, {reserve_bytes / 2**30:.2f} GiB reserved for activations, and "
+            f"--gpu-memory-utilization {gpu_memory_utilization} allows "
+            f"{total_bytes * gpu_memory_utilization / 2**30:.2f} GiB; raise it or use a smaller model"
+        )
+    return int(blocks)
+
+
+def activation_reserve_bytes(
+    hidden_size: int,
+    intermediate_size: int,
+    vocab_size: int,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    dtype: Any,
+) -> int:
+    """A generous estimate of a step's peak activations: a few hidden-sized buffers, the fused
+    qkv and gate/up outputs per batched token, and float32 logits per sequence, doubled for
+    temporaries and allocator slack."""
+    item = np.dtype(dtype).itemsize
+    per_token = (6 * hidden_size + 3 * intermediate_size) * item
+    return 2 * (max_num_batched_tokens * per_token + max_num_seqs * vocab_size * 4)
+
+
+def gpu_num_blocks(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: Any,
+    gpu_memory_utilization: float = 0.9,
+    reserve_bytes: int = 0,
+) -> int:
+    """`--num-blocks auto`: size the KV cache from the current device's free memory. Call it after
+    the weights are loaded, so that they count as in use."""
+    cupy = _cupy()
+    free, total = cupy.cuda.runtime.memGetInfo()
+    # Memory CuPy's pool holds but no array uses is free for the cache too.
+    free += cupy.get_default_memory_pool().free_bytes()
+    block = kv_cache_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
+    return num_blocks_for_budget(free, total, gpu_memory_utilization, block, reserve_bytes)

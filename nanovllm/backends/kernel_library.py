@@ -1,0 +1,126 @@
+"""Find the CUDA sources of kernels/ at run time and load their entry points.
+
+kernels/ is installed as the package `nanovllm.kernels`, so the sources are found through
+importlib.resources from an editable checkout and from a wheel alike. `#include "common.cuh"`
+is pasted in here, making each kernel file one self-contained source for NVRTC (through
+`cupy.RawModule` on a GPU, or the low-level binding in nvrtc_check.py) and for the CPU emulator.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import importlib.util
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nanovllm.errors import NanovllmError
+
+# One file per op family; each defines `extern "C"` entry points per dtype (and head_dim).
+KERNEL_FILES = ("paged_attention", "cache", "norm", "rotary", "activation")
+ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+# Query vectors per paged-attention block: kQueryVectors in kernels/paged_attention.cu.
+ATTENTION_QUERY_VECTORS = 8
+ATTENTION_THREADS = 128
+
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
+
+
+def kernel_file_text(name: str) -> str:
+    """The text of one file of kernels/ (e.g. "norm.cu"), as shipped."""
+    return importlib.resources.files("nanovllm.kernels").joinpath(name).read_text()
+
+
+@functools.cache
+def kernel_source(family: str) -> str:
+    """kernels/<family>.cu with its local includes pasted in; #line keeps error lines right."""
+    text = kernel_file_text(f"{family}.cu")
+    out, last = [], 0
+    for match in _INCLUDE.finditer(text):
+        header = match.group(1)
+        resume = text.count("\n", 0, match.end()) + 2  # the line after the #include
+        out.append(text[last : match.start()])
+        out.append(f'#line 1 "{header}"\n{kernel_file_text(header)}\n#line {resume} "{family}.cu"')
+        last = match.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def sources_digest() -> str:
+    """A hash of every kernel source: the key of the start-up self-check's cache."""
+    digest = hashlib.sha256()
+    for family in KERNEL_FILES:
+        digest.update(kernel_source(family).encode())
+    return digest.hexdigest()[:16]
+
+
+def cuda_include_dir() -> Path:
+    """cuda_fp16.h / cuda_bf16.h from the `nvidia-cuda-runtime-cu12` pip package."""
+    spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    roots = (spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        include = Path(root) / "include"
+        if (include / "cuda_fp16.h").exists():
+            return include
+    raise NanovllmError(
+        "CUDA headers not found: pip install nvidia-cuda-runtime-cu12 (or nanovllm[cuda])"
+    )
+
+
+def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:
+    """NVRTC options shared by the runtime build and the build check."""
+    options = ("-std=c++17", f"-I{cuda_include_dir()}")
+    if arch is not None:
+        options += (f"--gpu-architecture={arch}",)
+    return options
+
+
+def entry_points(family: str) -> list[str]:
+    """The `extern "C"` kernel names a family's file defines."""
+    suffixes = ("f32", "f16", "bf16")
+    if family == "paged_attention":
+        return [f"paged_attention_{s}_d{d}" for s in suffixes for d in ATTENTION_HEAD_DIMS]
+    if family == "norm":
+        return [f"{op}_{s}" for op in ("rms_norm", "add_rms_norm") for s in suffixes]
+    name = {"cache": "write_kv", "rotary": "rotary", "activation": "silu_and_mul"}[family]
+    return [f"{name}_{s}" for s in suffixes]
+
+
+class KernelLibrary:
+    """Loads each kernel file once and hands out its functions, called like CuPy's RawKernel:
+    fn(grid, block, args, shared_mem=0).
+
+    On a GPU the modules are CuPy RawModules (NVRTC); on the emulated device they are the
+    emulator's EmulatedModules, so the launch code in cuda.py is the same for both.
+    """
+
+    def __init__(self, emulated: bool, emulator_options: dict[str, Any] | None = None) -> None:
+        self.emulated = emulated
+        self.emulator_options = dict(emulator_options or {})
+        self._modules: dict[str, Any] = {}
+        self._functions: dict[str, Callable[..., Any]] = {}
+
+    def function(self, family: str, name: str) -> Callable[..., Any]:
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self.module(family).get_function(name)
+        return fn
+
+    def module(self, family: str) -> Any:
+        module = self._modules.get(family)
+        if module is None:
+            module = self._modules[family] = self._load(family)
+        return module
+
+    def _load(self, family: str) -> Any:
+        source = kernel_source(family)
+        if self.emulated:
+            from nanovllm.backends.emulator import EmulatedModule
+
+            return EmulatedModule(source, (f"-I{cuda_include_dir()}",), **self.emulator_options)
+        import cupy
+
+        return cupy.RawModule(code=source, options=nvrtc_options())
