@@ -1,4 +1,4 @@
-"""`nanovllm check`: are the CUDA kernels sound on this machine? Also the engine's start-up self-check.
+"""`nanovllm check`: are the CUDA kernels sound here? Also the engine's start-up self-check.
 
 On a GPU: compile every kernel with NVRTC for the device (registers and spills from ptxas), run
 each against the NumPy reference (nanovllm/backends/cpu.py) on random inputs in float32,
@@ -26,9 +26,9 @@ from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS, sources_digest
 from nanovllm.errors import NanovllmError
 
 DTYPES = ("float32", "float16", "bfloat16")
-# (atol, rtol) against the float32 reference computed on the same rounded inputs: a few units
-# in the last place of the kernel's output dtype.
-TOLERANCES = {"float32": (2e-5, 2e-5), "float16": (4e-3, 4e-3), "bfloat16": (3e-2, 3e-2)}
+# (atol, rtol) against the float32 reference computed on the same rounded inputs: about two
+# units in the last place of the output dtype (float16 2^-10, bfloat16 2^-7 near 1).
+TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (2e-3, 2e-3), "bfloat16": (1.6e-2, 1.6e-2)}
 
 Results = tuple[list[np.ndarray], list[np.ndarray]]  # (kernel outputs, reference), float32
 
@@ -272,22 +272,43 @@ def tiny_checkpoint(seed: int = 0):
     return Checkpoint(config, None, {}, lambda: iter(tensors.items()))
 
 
+def greedy_margins(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Top-1 minus top-2 logit at each step of a greedy path (model: a LoadedModel)."""
+    logits = model.logits(prompt + tokens[:-1])[len(prompt) - 1 :]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def decisive_prefix(margins: np.ndarray, logits_error: float) -> int:
+    """How many greedy steps must agree: up to the first step whose top-2 margin on the CPU is
+    within twice the measured logits error, where rounding may pick either token."""
+    close = np.flatnonzero(margins <= 2 * logits_error)
+    return int(close[0]) if len(close) else len(margins)
+
+
 def model_check(backend: CUDABackend, new_tokens: int = 8, seed: int = 0) -> CheckResult:
-    """Greedy tokens of the tiny model on the backend and on the CPU must agree."""
+    """Greedy tokens of the tiny model on the backend and on the CPU must agree, up to the first
+    near-tie that float16 rounding may break either way."""
     from nanovllm.models.loader import LoadedModel
 
     checkpoint = tiny_checkpoint(seed)
     prompt = np.random.default_rng(seed).integers(3, 256, 12).tolist()
+    name = f"tiny model greedy {backend.dtype.name}"
     try:
         device = LoadedModel(checkpoint, backend, 64)
         cpu = LoadedModel(checkpoint, CPUBackend(), 64)
         logits_error = float(np.abs(device.logits(prompt) - cpu.logits(prompt)).max())
         got, want = device.greedy(prompt, new_tokens), cpu.greedy(prompt, new_tokens)
+        must_agree = decisive_prefix(greedy_margins(cpu, prompt, want), logits_error)
     except Exception as exc:
-        return CheckResult("tiny model greedy", False, f"{type(exc).__name__}: {exc}")
+        return CheckResult(name, False, f"{type(exc).__name__}: {exc}")
     same = sum(g == w for g, w in zip(got, want, strict=True))
-    detail = f"{same}/{new_tokens} tokens as on the CPU; logits max diff {logits_error:.3g}"
-    return CheckResult(f"tiny model greedy {backend.dtype.name}", got == want, detail)
+    detail = (
+        f"{same}/{new_tokens} tokens as on the CPU ({must_agree} before any near-tie); "
+        f"logits max diff {logits_error:.3g}"
+    )
+    passed = got[:must_agree] == want[:must_agree] and logits_error < 0.25
+    return CheckResult(name, passed, detail)
 
 
 # ---- start-up self-check -------------------------------------------------------------------
@@ -362,21 +383,17 @@ def add_check_parser(subparsers) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from nanovllm.backends import cuda_available
 
-    report: dict = {"device": None, "builds": [], "checks": []}
     gpu = cuda_available()
     backend = None
-    if gpu:
-        backend = CUDABackend("float16")
-    elif args.emulated:
-        backend = CUDABackend("float16", emulated=True)
+    if gpu or args.emulated:
+        backend = CUDABackend("float16", emulated=not gpu)
     archs = tuple(args.arch or ((device_arch(backend),) if gpu else ("sm_80", "sm_90")))
-    report["device"] = device_name(backend) if gpu else "no CUDA GPU"
+    report: dict = {"device": device_name(backend) if backend else "no CUDA GPU", "builds": []}
     build_ok = _run_builds(archs, report)
     checks: list[CheckResult] = []
     if backend is not None:
         checks = kernel_checks(backend)
         checks += [model_check(backend), model_check(CUDABackend("float32", backend.emulated))]
-        report["device"] = device_name(backend)
     report["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -411,17 +428,19 @@ def _run_builds(archs: tuple[str, ...], report: dict) -> bool:
 def _print_report(report: dict, archs, checks: list[CheckResult], ran: bool) -> None:
     print(f"nanovllm check: {report['device']}")
     print(f"\nNVRTC build, registers / spill bytes per architecture ({', '.join(archs)}):")
-    rows: dict[str, dict[str, str]] = {}
+    rows: dict[str, dict[str, tuple[int, int]]] = {}
     for b in report["builds"]:
         if "error" in b:
             print(f"  FAIL {b['family']}.cu for {b['arch']}:\n{b['error']}")
             continue
-        rows.setdefault(b["kernel"], {})[b["arch"]] = f"{b['registers']:>4} / {b['spill_bytes']}"
-    header = "  " + "kernel".ljust(28) + "".join(a.rjust(12) for a in archs) + "  result"
-    print(header)
+        rows.setdefault(b["kernel"], {})[b["arch"]] = (b["registers"], b["spill_bytes"])
+    print("  " + "kernel".ljust(28) + "".join(a.rjust(12) for a in archs) + "  result")
     for name, per_arch in rows.items():
-        spills = any(not cell.endswith(" 0") for cell in per_arch.values())
-        cells = "".join(per_arch.get(a, "-").rjust(12) for a in archs)
+        cells = "".join(
+            (f"{per_arch[a][0]:>4} / {per_arch[a][1]}" if a in per_arch else "-").rjust(12)
+            for a in archs
+        )
+        spills = any(spill for _, spill in per_arch.values())
         print(f"  {name:<28}{cells}  {'FAIL (spills)' if spills else 'pass'}")
     if not ran:
         print(

@@ -27,7 +27,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=DEVICES, default="auto")
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-blocks", type=int, default=512)
+    g.add_argument(
+        "--num-blocks",
+        type=_blocks,
+        default=512,
+        help="KV-cache blocks, or 'auto' to size them from free GPU memory",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory the engine may use (with --num-blocks auto)",
+    )
     g.add_argument("--max-requests", type=int, default=8, help="most sequences running at once")
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=512, help="token budget of one step"
@@ -48,6 +59,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--prompt-lookup-max", type=int, default=4)  # fmt: skip
 
 
+def _blocks(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of blocks or 'auto', got {text!r}"
+        ) from None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
@@ -56,6 +78,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         block_size=args.block_size,
         num_blocks=args.num_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_requests,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
@@ -156,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     from nanovllm.bench import add_bench_parser
+    from nanovllm.check import add_check_parser
 
     add_bench_parser(sub)
+    add_check_parser(sub)
 
     demo = sub.add_parser(
         "download-demo", help=f"fetch the offline demo model ({DEMO_NAME}) and print its path"

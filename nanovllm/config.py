@@ -15,7 +15,8 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     block_size: int = 16
-    num_blocks: int = 512
+    num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
@@ -39,15 +40,27 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_blocks != "auto":
+            self._check_positive("num_blocks")
+        if (
+            not isinstance(self.gpu_memory_utilization, int | float)
+            or not 0 < self.gpu_memory_utilization <= 1
+        ):
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            self._check_positive(name)
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         self._validate_speculation()
+
+    def _check_positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def _validate_speculation(self) -> None:
         if self.speculative_method is None and self.draft_model is not None:

@@ -48,6 +48,7 @@ class Backend(Protocol):
 
     name: str
     dtype: Any  # the compute dtype of activations, weights and KV cache
+    xp: Any  # the array module: numpy, or cupy on a GPU
 
     def asarray(self, x: np.ndarray, dtype: Any = None) -> Array: ...
     def to_numpy(self, x: Array) -> np.ndarray: ...

@@ -9,6 +9,7 @@ from nanovllm.backends.base import AttentionMetadata
 
 class CPUBackend:
     name = "cpu"
+    xp = np  # the array module, for code (the sampler) written against NumPy's API
 
     def __init__(self, dtype=np.float32) -> None:
         self.dtype = np.dtype(dtype)

@@ -1,4 +1,4 @@
-"""The CUDA backend: CuPy arrays, cuBLAS matmuls through CuPy, and every fused op a kernel of kernels/.
+"""The CUDA backend: CuPy arrays, matmuls through CuPy (cuBLAS), every fused op a kernel of kernels/.
 
 The same class runs on the emulated device ("cuda-emulated"): NumPy arrays stand in for CuPy
 arrays and the CPU emulator's modules for CuPy's RawModules, so the launch code below (grid,
@@ -24,6 +24,7 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_QUERY_VECTORS,
     ATTENTION_THREADS,
     KernelLibrary,
+    attention_shared_bytes,
 )
 from nanovllm.errors import NanovllmError
 
@@ -86,6 +87,9 @@ class CUDABackend:
     def rms_norm(
         self, x: Array, weight: Array, eps: float, residual: Array | None = None
     ) -> tuple[Array, Array]:
+        if x.ndim == 1:  # a single vector: one row
+            out, new_residual = self.rms_norm(x[None], weight, eps, residual)
+            return out[0], new_residual.reshape(x.shape)
         x, token_stride = self._token_rows(x)
         hidden = x.shape[-1]
         heads = math.prod(x.shape[1:-1])  # > 1 for a [tokens, heads, head_dim] view
@@ -94,16 +98,17 @@ class CUDABackend:
         if rows == 0:
             return out, x if residual is None else residual
         common = (np.int64(token_stride), np.int32(heads))
+        x_span = self._span(x, token_stride)
         tail = (self._contiguous(weight, x.dtype), np.float32(eps), np.int32(hidden))
         block = (_threads(hidden, limit=256),)
         if residual is None:
             fn = self._kernel("norm", "rms_norm", x.dtype)
-            fn((rows,), block, (out, x, *common, *tail))
+            fn((rows,), block, (out, x_span, *common, *tail))
             return out, x
         residual_out = self.xp.empty(x.shape, dtype=x.dtype)
         residual = self._contiguous(residual, x.dtype)
         fn = self._kernel("norm", "add_rms_norm", x.dtype)
-        fn((rows,), block, (out, residual_out, x, *common, residual, *tail))
+        fn((rows,), block, (out, residual_out, x_span, *common, residual, *tail))
         return out, residual_out
 
     def rotary(self, q: Array, k: Array, positions: Array, cos_sin: Array) -> tuple[Array, Array]:
@@ -117,7 +122,8 @@ class CUDABackend:
             return q_out, k_out
         pairs = (num_heads + k.shape[1]) * head_dim // 2
         args = (
-            q_out, k_out, q, np.int64(q_stride), k, np.int64(k_stride),
+            q_out, k_out, self._span(q, q_stride), np.int64(q_stride),
+            self._span(k, k_stride), np.int64(k_stride),
             self._contiguous(positions, np.int64), self._contiguous(cos_sin, np.float32),
             np.int32(num_heads), np.int32(k.shape[1]), np.int32(head_dim),
         )  # fmt: skip
@@ -145,7 +151,9 @@ class CUDABackend:
         _check_cache(k_cache, v_cache, k.dtype)
         row_size = k.shape[1] * k.shape[2]
         args = (
-            k_cache, v_cache, k, np.int64(k_stride), v, np.int64(v_stride), self._contiguous(slot_mapping, np.int64), np.int32(row_size),
+            k_cache, v_cache, self._span(k, k_stride), np.int64(k_stride),
+            self._span(v, v_stride), np.int64(v_stride),
+            self._contiguous(slot_mapping, np.int64), np.int32(row_size),
         )  # fmt: skip
         self._kernel("cache", "write_kv", k.dtype)((k.shape[0],), (_threads(row_size),), args)
 
@@ -176,7 +184,8 @@ class CUDABackend:
             np.int32(meta.block_size), np.int32(tables.shape[1]),
         )  # fmt: skip
         name = f"paged_attention_{_SUFFIX[q.dtype]}_d{head_dim}"
-        self.kernels.function("paged_attention", name)(grid, (ATTENTION_THREADS,), args)
+        fn = self.kernels.function("paged_attention", name)
+        fn(grid, (ATTENTION_THREADS,), args, shared_mem=attention_shared_bytes(head_dim))
         return out
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -207,6 +216,15 @@ class CUDABackend:
         if not inner_contiguous or x.strides[0] % item or stride < row:
             return self.xp.ascontiguousarray(x), row
         return x, stride
+
+    def _span(self, x: Array, token_stride: int) -> Array:
+        """The memory a [tokens, ...] view with this token stride covers, as one contiguous 1-D
+        array starting at its first element: what a kernel taking (pointer, token stride) reads.
+        The emulator, like a careful reviewer, accepts only contiguous arrays as pointers."""
+        if x.flags.c_contiguous:
+            return x
+        size = (x.shape[0] - 1) * token_stride + math.prod(x.shape[1:])
+        return self.xp.lib.stride_tricks.as_strided(x, shape=(size,), strides=(x.itemsize,))
 
 
 def _cupy():

@@ -26,6 +26,14 @@ ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 ATTENTION_QUERY_VECTORS = 8
 ATTENTION_THREADS = 128
 
+
+def attention_shared_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of one paged-attention block (see kernels/paged_attention.cu):
+    the block's queries, each warp's accumulators, and each warp's maxima and sums."""
+    vectors, warps = ATTENTION_QUERY_VECTORS, ATTENTION_THREADS // 32
+    return ((1 + warps) * vectors * head_dim + 2 * warps * vectors) * 4
+
+
 _INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.MULTILINE)
 
 
@@ -116,11 +124,11 @@ class KernelLibrary:
         return module
 
     def _load(self, family: str) -> Any:
-        source = kernel_source(family)
+        source, options = kernel_source(family), nvrtc_options()
         if self.emulated:
             from nanovllm.backends.emulator import EmulatedModule
 
-            return EmulatedModule(source, (f"-I{cuda_include_dir()}",), **self.emulator_options)
+            return EmulatedModule(source, options, **self.emulator_options)
         import cupy
 
-        return cupy.RawModule(code=source, options=nvrtc_options())
+        return cupy.RawModule(code=source, options=options)

@@ -34,10 +34,17 @@ class LLMEngine:
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.generation_config = checkpoint.generation_config
-        self.max_model_len = self._max_model_len(config, checkpoint.config)
         self.eos_token_ids = self._eos_ids(checkpoint)
         backend = get_backend(config.device, config.dtype)
-        model = build_model(checkpoint, backend, self.max_model_len)
+        model = build_model(checkpoint, backend, self._length_limit(config, checkpoint.config))
+        if backend.name == "cuda":
+            from nanovllm.check import startup_self_check
+
+            startup_self_check(backend, head_dim=checkpoint.config.head_dim)
+        config.num_blocks = self._num_blocks(config, checkpoint.config, backend)
+        self.max_model_len = min(
+            self._length_limit(config, checkpoint.config), config.num_blocks * config.block_size
+        )
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -54,7 +61,8 @@ class LLMEngine:
 
     # ---- setup -----------------------------------------------------------------------------
     @staticmethod
-    def _max_model_len(config: EngineConfig, model_config) -> int:
+    def _length_limit(config: EngineConfig, model_config) -> int:
+        """max_model_len before the KV capacity caps it (so a lone sequence always fits)."""
         limit = model_config.max_position_embeddings
         if model_config.sliding_window:
             limit = min(limit, model_config.sliding_window)  # no sliding-window attention yet
@@ -62,8 +70,27 @@ class LLMEngine:
             raise NanovllmError(
                 f"max_model_len {config.max_model_len} exceeds the model's maximum length {limit}"
             )
-        capacity = config.num_blocks * config.block_size
-        return min(config.max_model_len or limit, capacity)
+        return config.max_model_len or limit
+
+    @staticmethod
+    def _num_blocks(config: EngineConfig, model_config, backend) -> int:
+        """`--num-blocks auto` sizes the KV cache from free GPU memory, after the weights are loaded;
+        without a GPU it falls back to the default of 512 blocks."""
+        if config.num_blocks != "auto":
+            return config.num_blocks
+        if backend.name != "cuda":
+            return 512
+        from nanovllm.backends.cuda import activation_reserve_bytes, gpu_num_blocks
+
+        cfg = model_config
+        reserve = activation_reserve_bytes(
+            cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
+            config.max_num_batched_tokens, config.max_num_seqs, backend.dtype,
+        )  # fmt: skip
+        return gpu_num_blocks(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, backend.dtype,
+            config.gpu_memory_utilization, reserve,
+        )  # fmt: skip
 
     def _speculator(self, config: EngineConfig, backend) -> SpecDecoder | None:
         if config.speculative_method is None:

@@ -53,7 +53,7 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, xp=backend.xp)
         cfg = model.config
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
@@ -64,14 +64,16 @@ class ModelRunner:
         k_cache = self.kv_caches[0][0]
         return 2 * len(self.kv_caches) * k_cache.size * k_cache.itemsize
 
-    def logits(self, items: list[ForwardItem]) -> np.ndarray:
-        """Run the model once over all items; float32 logits of the requested rows, in order."""
+    def logits(self, items: list[ForwardItem]):
+        """Run the model once over all items; float32 logits of the requested rows, in order.
+        They stay on the backend (a GPU's sampler works on them there)."""
         inputs = self.prepare(items)
         hidden = self.forward(inputs)
+        xp = self.backend.xp
         if not len(inputs.logits_rows):
-            return np.empty((0, self.model.config.vocab_size), dtype=np.float32)
+            return xp.empty((0, self.model.config.vocab_size), dtype=xp.float32)
         logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
-        return np.asarray(self.backend.to_numpy(logits), dtype=np.float32)
+        return logits.astype(xp.float32, copy=False)
 
     def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> SampleOutput:
         return self.sampler(logits, [self.sampling_row(seq) for seq in seqs])

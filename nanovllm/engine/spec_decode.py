@@ -61,6 +61,11 @@ def rejection_sample(
     return Verdict(accepted + [_sample(target_probs[len(accepted)], generator)], len(accepted))
 
 
+def _host(x) -> np.ndarray:
+    """A NumPy copy of a CuPy array (rejection sampling walks k rows on the host); NumPy as is."""
+    return x.get() if hasattr(x, "get") else x
+
+
 def _draft_row(draft_probs: np.ndarray | None, i: int, token: int, vocab: int) -> np.ndarray:
     if draft_probs is not None:
         return draft_probs[i]
@@ -186,6 +191,7 @@ class SpecDecoder:
             rows = [runner.sampling_row(seq, drafts[seq][0]) for seq, _ in active]
             probs = runner.sampler.probs(logits, rows)
             tokens = runner.sampler.sample_from_probs(probs, rows)
+            probs = _host(probs)
             for (seq, _), token, q in zip(active, tokens.tolist(), probs, strict=True):
                 drafts[seq][0].append(token)
                 drafts[seq][1].append(q)
@@ -202,7 +208,7 @@ class SpecDecoder:
         """Accepted drafts plus one target token; their logprobs; how many inputs were valid."""
         k = len(proposal.token_ids)
         rows = [runner.sampling_row(seq, proposal.token_ids[:i]) for i in range(k + 1)]
-        target_probs = runner.sampler.probs(logits, rows)
+        target_probs = _host(runner.sampler.probs(logits, rows))
         generator = seq.generator or runner.sampler.generator
         verdict = rejection_sample(target_probs, proposal.token_ids, proposal.probs, generator)
         self.stats.record(k, verdict.num_accepted)

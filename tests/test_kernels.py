@@ -1,0 +1,157 @@
+"""Every kernel of kernels/ matches the NumPy reference (nanovllm/backends/cpu.py) on the CUDA
+emulator, through the CUDA backend's own launch code, in float32, float16 and bfloat16.
+
+Each case runs under the emulator's three thread schedules (a kernel that depends on the order
+threads run in, e.g. a missing __syncthreads, fails one of them), and one shape per kernel runs
+under AddressSanitizer. The op cases (inputs, reference) live in nanovllm/check.py, shared with
+`nanovllm check` on a real GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nanovllm.backends.cuda import CUDABackend
+from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
+from nanovllm.check import (
+    DTYPES,
+    case_head_norm,
+    case_paged_attention,
+    case_rms_norm,
+    case_rotary,
+    case_silu_and_mul,
+    case_write_kv,
+    compare,
+)
+
+try:
+    from nanovllm.backends.emulator import EmulatedModule  # noqa: F401
+except ImportError:
+    pytest.skip("the CUDA emulator is missing", allow_module_level=True)
+
+SCHEDULES = ("forward", "reverse", "random")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """schedule (or "asan") -> an emulated CUDA backend, kernels compiled once per module."""
+    backends: dict[str, CUDABackend] = {}
+
+    def get(schedule: str) -> CUDABackend:
+        if schedule not in backends:
+            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
+            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
+        return backends[schedule]
+
+    return get
+
+
+def assert_matches(results, dtype: str) -> None:
+    ok, worst = compare(*results, dtype)
+    assert ok, f"max error {worst:.2f} x the {dtype} tolerance"
+
+
+# ---- paged attention -----------------------------------------------------------------------
+ATTENTION_CASES = {
+    # Context length 1, partial blocks, one query head per kv head.
+    "decode_gqa1_partial_blocks": dict(
+        seqs=((1, 1), (1, 17), (1, 40)), heads=4, kv_heads=4, head_dim=64, block_size=16
+    ),
+    # Prefill, decode, chunked prefill and a verification-sized chunk in one batch.
+    "mixed_batch_gqa4": dict(
+        seqs=((5, 5), (1, 20), (3, 30), (2, 9)), heads=8, kv_heads=2, head_dim=32, block_size=8
+    ),
+    "mixed_batch_gqa8_block_size_2": dict(
+        seqs=((7, 7), (1, 9), (4, 6)), heads=8, kv_heads=1, head_dim=16, block_size=2
+    ),
+    # Past 128 keys every warp of the block takes several 32-key chunks, then they merge.
+    "long_context_d128": dict(
+        seqs=((1, 300), (3, 140)), heads=2, kv_heads=1, head_dim=128, block_size=16
+    ),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_paged_attention_matches_reference(emulated, case, dtype, schedule) -> None:
+    rng = np.random.default_rng(1)
+    results = case_paged_attention(emulated(schedule), dtype, rng, **ATTENTION_CASES[case])
+    assert_matches(results, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
+def test_paged_attention_every_head_dim(emulated, head_dim, dtype) -> None:
+    rng = np.random.default_rng(2)
+    seqs = ((3, 11), (1, 6))
+    results = case_paged_attention(
+        emulated("forward"), dtype, rng, seqs=seqs, heads=4, kv_heads=2, head_dim=head_dim
+    )
+    assert_matches(results, dtype)
+
+
+def test_paged_attention_under_asan(emulated) -> None:
+    rng = np.random.default_rng(3)
+    results = case_paged_attention(
+        emulated("asan"), "float16", rng, **ATTENTION_CASES["mixed_batch_gqa4"]
+    )
+    assert_matches(results, "float16")
+
+
+# ---- norms, rotary, activation, cache write ------------------------------------------------
+OP_CASES = {
+    "rms_norm_h96": (case_rms_norm, dict(hidden=96)),
+    "rms_norm_h1000_loops_over_the_row": (case_rms_norm, dict(hidden=1000, tokens=3)),
+    "add_rms_norm_h96": (case_rms_norm, dict(hidden=96, residual=True)),
+    "add_rms_norm_h16": (case_rms_norm, dict(hidden=16, residual=True)),
+    "head_norm_on_qkv_view": (case_head_norm, dict(heads=4, kv_heads=2, head_dim=32)),
+    "rotary_d64_gqa4": (case_rotary, dict(heads=8, kv_heads=2, head_dim=64)),
+    "rotary_d16": (case_rotary, dict(heads=4, kv_heads=4, head_dim=16)),
+    "silu_and_mul_w80": (case_silu_and_mul, dict(width=80)),
+    "silu_and_mul_w700": (case_silu_and_mul, dict(width=700, tokens=2)),
+    "write_kv_views": (case_write_kv, dict(kv_heads=2, head_dim=32, block_size=4)),
+    "write_kv_block_size_1": (
+        case_write_kv,
+        dict(kv_heads=1, head_dim=16, block_size=1, num_blocks=9),
+    ),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", OP_CASES)
+def test_op_matches_reference(emulated, case, dtype, schedule) -> None:
+    fn, kwargs = OP_CASES[case]
+    assert_matches(fn(emulated(schedule), dtype, np.random.default_rng(4), **kwargs), dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "add_rms_norm_h96",
+        "head_norm_on_qkv_view",
+        "rotary_d64_gqa4",
+        "silu_and_mul_w80",
+        "write_kv_views",
+    ],
+)
+def test_op_under_asan(emulated, case) -> None:
+    fn, kwargs = OP_CASES[case]
+    assert_matches(fn(emulated("asan"), "bfloat16", np.random.default_rng(5), **kwargs), "bfloat16")
+
+
+def test_write_kv_skips_negative_slots(emulated) -> None:
+    backend = emulated("forward")
+    k = np.ones((2, 1, 16), dtype=np.float32)
+    k_cache, v_cache = np.zeros((2, 2, 1, 16), np.float32), np.zeros((2, 2, 1, 16), np.float32)
+    backend.write_kv(k, 2 * k, k_cache, v_cache, np.array([3, -1], dtype=np.int64))
+    assert k_cache[1, 1].tolist() == [[1.0] * 16] and v_cache[1, 1].tolist() == [[2.0] * 16]
+    assert k_cache.sum() == 16 and v_cache.sum() == 32
+
+
+def test_rms_norm_without_residual_returns_its_input_as_residual(emulated) -> None:
+    x = np.random.default_rng(6).standard_normal((2, 32)).astype(np.float32)
+    _, residual = emulated("forward").rms_norm(x, np.ones(32, np.float32), 1e-6)
+    assert residual is x
