@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nanovllm.bench import add_bench_parser
     from nanovllm.check import add_check_parser
+    from nanovllm.tui.cli import add_top_parser
 
     add_bench_parser(sub)
     add_check_parser(sub)
+    add_top_parser(sub)
 
     demo = sub.add_parser(
         "download-demo", help=f"fetch the offline demo model ({DEMO_NAME}) and print its path"

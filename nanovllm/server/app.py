@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import falcon
 
@@ -40,6 +40,7 @@ ROUTES = (
     ("/health", "health"),
     ("/version", "version"),
     ("/metrics", "metrics"),
+    ("/v1/engine/state", "engine_state"),
     ("/tokenize", "tokenize"),
     ("/detokenize", "detokenize"),
 )
@@ -188,6 +189,18 @@ class Routes:
 
     def on_get_metrics(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data, resp.content_type = self.state.metrics.render()
+
+    def on_get_engine_state(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # Under /v1 on purpose: it lists requests, so --api-key guards it (unlike /metrics).
+        snapshot, config = self.state.engine.snapshot, self.state.engine.engine.config
+        resp.media = {
+            "object": "engine.state",
+            "num_blocks": len(snapshot.blocks),
+            "block_size": config.block_size,
+            "max_num_seqs": config.max_num_seqs,
+            "blocks": snapshot.blocks,
+            "sequences": [asdict(seq) for seq in snapshot.sequences],
+        }
 
     def on_post_tokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
         state = self.state

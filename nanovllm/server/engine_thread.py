@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.stats import EngineStats
+from nanovllm.engine.stats import EngineSnapshot, EngineStats
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -63,6 +63,9 @@ class EngineThread:
     ) -> None:
         self.engine = engine
         self.stats: EngineStats = engine.stats()  # the latest snapshot, for /metrics and logs
+        # Sequences and block states for /v1/engine/state. Refreshed after every step: it costs
+        # ~35 us for 512 blocks and 8 sequences (a tiny model's CPU step takes ~2 ms).
+        self.snapshot: EngineSnapshot = engine.snapshot()
         self._on_finished = on_finished or (lambda output: None)
         self._on_aborted = on_aborted or (lambda count: None)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -129,6 +132,7 @@ class EngineThread:
                 if self._running and self.engine.has_unfinished_requests():
                     self._step()
                 self.stats = self.engine.stats()
+                self.snapshot = self.engine.snapshot()
                 self._log.maybe_log(self.stats)
         except BaseException:
             logger.exception("the engine thread crashed")
