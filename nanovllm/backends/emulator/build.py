@@ -206,10 +206,8 @@ def _check_includes(code: str, filename: str) -> None:
 def _compile_flags(sanitize: bool) -> list[str]:
     common = ["-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing", "-Wl,-Bsymbolic"]
     if sanitize:
-        # -O1 -g keeps ASan's reports accurate to the source line; emu_shared holds the
-        # static __shared__ variables, which ASan skips in a named section unless told.
-        return [*common, "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address",
-                f"-fsanitize-sections={source.SHARED_SECTION}"]  # fmt: skip
+        # -O1 -g keeps ASan's reports accurate to the source line.
+        return [*common, "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
     return [*common, "-O2"]
 
 

@@ -68,9 +68,8 @@ extern "C" [[noreturn]] void __emu_assert_fail(const char* expr, const char* fil
 #undef __noinline__
 #undef __constant__
 #undef __managed__
-/* Markers for build.py: it collects kernels from __emu_global__, rewrites __emu_shared__ into
- * a static variable in the "emu_shared" section (or, for `extern __shared__ T x[]`, into the
- * dynamic shared memory buffer), and checks __launch_bounds__ at launch time. */
+/* Markers for build.py: it collects kernels from __emu_global__, rewrites __emu_shared__
+ * declarations (see "shared memory" below), and checks __launch_bounds__ at launch time. */
 #define __global__ __emu_global__
 #define __shared__ __emu_shared__
 #define __launch_bounds__(...) __emu_launch_bounds__(__VA_ARGS__)
@@ -87,8 +86,8 @@ namespace __emu {
 enum : unsigned { kWarpSize = 32, kMaxThreads = 1024, kMaxWarps = kMaxThreads / kWarpSize };
 /* Largest dynamic shared memory a launch may ask for (H100: 227 KB per block). Python checks
  * the real limits before launching; this only sizes the buffer. */
-enum : unsigned long { kMaxDynamicSmem = 227u * 1024u };
-enum : int { kOk = 0, kErrAssert = 1, kErrSync = 2, kErrLaunch = 3 };
+enum : unsigned long { kMaxDynamicSmem = 227u * 1024u, kMaxStaticSmem = 48u * 1024u };
+enum : int { kOk = 0, kErrAssert = 1, kErrSync = 2, kErrLaunch = 3, kErrMemory = 4 };
 enum class St : unsigned char { Runnable, Barrier, Warp, Done };
 enum Schedule : int { kForward = 0, kReverse = 1, kRandom = 2 };
 
@@ -136,7 +135,7 @@ struct KernelEntry {
   const char* name;
   void (*invoke)(const char* args);
   int nparams;
-  const char* const* param_types;  // one descriptor string per parameter, see ParamDesc
+  const char* const* param_types;  // one descriptor per parameter, see Desc
 };
 
 struct State {
@@ -150,8 +149,13 @@ struct State {
   Warp warps[kMaxWarps];
   unsigned order[kMaxThreads];
   int schedule;
+  unsigned round_pos;  // position in `order` of the current round
+  bool progressed;     // some fiber ran in the current round
+  bool from_scheduler; // the switch in progress comes from the scheduler
   unsigned long long rng;
   size_t dyn_smem;
+  unsigned long long launch_id;  // numbers launches, so a __shared__ variable counts once each
+  size_t launch_static_smem;     // static __shared__ bytes this launch's threads have declared
   int error_kind;
   char error[16384];
   // The scheduler's own context and, for AddressSanitizer, the bounds of its stack.
@@ -165,7 +169,6 @@ struct State {
   // Fiber stacks: one mapping, `capacity` stacks of `stack_size` bytes plus a guard page each.
   char* stacks;
   unsigned capacity;
-  unsigned mxcsr, fpucw;
 };
 
 static State g;
@@ -244,8 +247,9 @@ inline char* stack_bottom(const Fiber* f) {
 
 #if defined(__x86_64__)
 /* A context switch saves only what the SysV ABI says a callee must preserve (rbx, rbp,
- * r12-r15, the x87 control word and MXCSR) and swaps stacks. glibc's swapcontext would also
- * make a sigprocmask system call per switch, which dominates a kernel with many barriers. */
+ * r12-r15; kernels do not change the x87 control word or MXCSR, so those are left alone) and
+ * swaps stacks. glibc's swapcontext would also make a sigprocmask system call per switch,
+ * which would dominate a kernel with many barriers. */
 extern "C" void __emu_ctx_switch(void** save_sp, void* to_sp);
 extern "C" void __emu_ctx_start();
 asm(R"(
@@ -261,14 +265,8 @@ __emu_ctx_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $16, %rsp
-  stmxcsr 8(%rsp)
-  fnstcw (%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  fldcw (%rsp)
-  ldmxcsr 8(%rsp)
-  addq $16, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -294,6 +292,16 @@ namespace __emu {
 
 [[noreturn]] static void fiber_main(Fiber* f);
 
+#if defined(__x86_64__)
+typedef void ucontext_like;
+#define SCHED_UCONTEXT nullptr
+#define FIBER_UCONTEXT(f) nullptr
+#else
+typedef ucontext_t ucontext_like;
+#define SCHED_UCONTEXT (&g.sched_ctx)
+#define FIBER_UCONTEXT(f) (&(f)->ctx)
+#endif
+
 #if !defined(__x86_64__)
 static void fiber_main_ucontext(unsigned lo, unsigned hi) {
   fiber_main((Fiber*)(((uintptr_t)hi << 32) | lo));
@@ -301,20 +309,19 @@ static void fiber_main_ucontext(unsigned lo, unsigned hi) {
 #endif
 
 /* Lays out a fresh stack so that the first switch to it "returns" into __emu_ctx_start, which
- * calls fiber_main(f) on a 16-byte aligned stack. */
-static void prepare_fiber(Fiber* f) {
+ * calls fiber_main(f) on a 16-byte aligned stack. Not instrumented: these bytes may still carry
+ * the shadow of a previous thread's frames. */
+__attribute__((no_sanitize_address)) static void prepare_fiber(Fiber* f) {
 #if defined(__x86_64__)
   uintptr_t top = ((uintptr_t)stack_bottom(f) + kStackSize) & ~(uintptr_t)15;
-  uint64_t* sp = (uint64_t*)(top - 88);
-  sp[0] = g.fpucw;
-  sp[1] = g.mxcsr;
-  sp[2] = 0;                              // r15
-  sp[3] = 0;                              // r14
-  sp[4] = (uint64_t)(uintptr_t)&fiber_main;  // r13
-  sp[5] = (uint64_t)(uintptr_t)f;            // r12
-  sp[6] = 0;                              // rbx
-  sp[7] = 0;                              // rbp
-  sp[8] = (uint64_t)(uintptr_t)&__emu_ctx_start;
+  uint64_t* sp = (uint64_t*)(top - 72);
+  sp[0] = 0;                                 // r15
+  sp[1] = 0;                                 // r14
+  sp[2] = (uint64_t)(uintptr_t)&fiber_main;  // r13
+  sp[3] = (uint64_t)(uintptr_t)f;            // r12
+  sp[4] = 0;                                 // rbx
+  sp[5] = 0;                                 // rbp
+  sp[6] = (uint64_t)(uintptr_t)&__emu_ctx_start;
   f->sp = sp;
 #else
   getcontext(&f->ctx);
@@ -327,53 +334,89 @@ static void prepare_fiber(Fiber* f) {
 #endif
 }
 
-/* Scheduler -> fiber. Returns when the fiber parks, finishes or fails. */
-static void resume(Fiber* f) {
-  g.cur = f;
-  g.thread_idx = f->tid;
-  asan_start_switch(&g.sched_fake_stack, stack_bottom(f), kStackSize);
+/* The next runnable fiber of the current round (in schedule order), or nullptr when the round
+ * is over. A fiber that parks hands over to this fiber directly, not through the scheduler:
+ * one stack switch per park instead of two. */
+static Fiber* next_runnable() {
+  if (g.error_kind != kOk) return nullptr;
+  while (g.round_pos < g.nthreads) {
+    Fiber* f = &g.fibers[g.order[g.round_pos++]];
+    if (f->state == St::Runnable) {
+      g.progressed = true;
+      return f;
+    }
+  }
+  return nullptr;
+}
+
+/* Saves the running context in *save_sp (and the ucontext `from`) and continues `to`, or the
+ * scheduler when `to` is nullptr. fake_save: ASan's fake stack of the fiber being left
+ * (nullptr when that fiber is finished for good). */
+static void switch_to(void** save_sp, ucontext_like* from, Fiber* to, void** fake_save) {
+  const void* bottom = to ? stack_bottom(to) : g.sched_stack_bottom;
+  size_t size = to ? kStackSize : g.sched_stack_size;
+  if (to) {
+    g.cur = to;
+    g.thread_idx = to->tid;
+  }
+  asan_start_switch(fake_save, bottom, size);
 #if defined(__x86_64__)
-  __emu_ctx_switch(&g.sched_sp, f->sp);
+  (void)from;
+  __emu_ctx_switch(save_sp, to ? to->sp : g.sched_sp);
 #else
-  swapcontext(&g.sched_ctx, &f->ctx);
+  (void)save_sp;
+  swapcontext(from, to ? &to->ctx : &g.sched_ctx);
 #endif
+}
+
+/* Scheduler -> the first runnable fiber of a round. Returns when the round is over. */
+static void run_round() {
+  Fiber* f = next_runnable();
+  if (!f) return;
+  g.from_scheduler = true;
+  switch_to(&g.sched_sp, SCHED_UCONTEXT, f, &g.sched_fake_stack);
   asan_finish_switch(g.sched_fake_stack, nullptr, nullptr);
 }
 
-/* Fiber -> scheduler; returns when the scheduler resumes this fiber. */
+/* The running fiber waits (its state says for what); returns when it runs again. */
 static void park() {
   Fiber* f = g.cur;
-  asan_start_switch(&f->asan_fake_stack, g.sched_stack_bottom, g.sched_stack_size);
-#if defined(__x86_64__)
-  __emu_ctx_switch(&f->sp, g.sched_sp);
-#else
-  swapcontext(&f->ctx, &g.sched_ctx);
-#endif
+  g.from_scheduler = false;
+  switch_to(&f->sp, FIBER_UCONTEXT(f), next_runnable(), &f->asan_fake_stack);
   asan_finish_switch(f->asan_fake_stack, nullptr, nullptr);
 }
 
-/* Fiber -> scheduler for good: the fiber's stack is reused by the next block. */
+/* The running fiber is finished for good: its stack is reused by the next block. */
 [[noreturn]] static void leave() {
   Fiber* f = g.cur;
-  asan_start_switch(nullptr, g.sched_stack_bottom, g.sched_stack_size);
-#if defined(__x86_64__)
-  void* dead;
-  __emu_ctx_switch(&dead, g.sched_sp);
-#else
-  swapcontext(&f->ctx, &g.sched_ctx);
+#if __EMU_ASAN
+  // The frames on this stack never return, so their redzones would stay poisoned for the
+  // next thread that gets the stack; this clears them (it is what longjmp does too).
+  __asan_handle_no_return();
 #endif
-  (void)f;
+  void* dead;
+  g.from_scheduler = false;
+  switch_to(&dead, FIBER_UCONTEXT(f), next_runnable(), nullptr);
   __builtin_trap();
 }
+
+static void lane_exited(unsigned warp);
 
 static void mark_done(Fiber* f) {
   f->state = St::Done;
   g.done++;
   g.warps[f->warp].done |= 1u << f->lane;
+  if (g.warps[f->warp].waiting) lane_exited(f->warp);
 }
 
 [[noreturn]] static void fiber_main(Fiber* f) {
-  asan_finish_switch(nullptr, &g.sched_stack_bottom, &g.sched_stack_size);
+  const void* from_bottom = nullptr;
+  size_t from_size = 0;
+  asan_finish_switch(nullptr, &from_bottom, &from_size);
+  if (g.from_scheduler) {  // ASan needs the scheduler's stack bounds to switch back to it
+    g.sched_stack_bottom = from_bottom;
+    g.sched_stack_size = from_size;
+  }
   g.kernel->invoke(g.args);
   mark_done(f);
   leave();
@@ -499,30 +542,32 @@ static unsigned shfl_source(int op, unsigned lane, int arg, int width) {
   return ok ? (unsigned)j : lane;
 }
 
-/* Runs in the last lane of `mask` to arrive: computes every lane's result. */
-static void complete_warp_op(Fiber* last) {
+/* Completes the warp operation `last` waits at, once every lane it names that has not exited
+ * has arrived (CUDA: "all non-exited threads named in mask must execute the same intrinsic
+ * with the same mask"): computes every participant's result. Returns false, with the error
+ * recorded, if the participants disagree on the operation or the mask. */
+static bool complete_warp_op(Fiber* last, unsigned lanes_in) {
   Fiber* lanes = &g.fibers[last->warp * kWarpSize];
-  unsigned mask = last->mask;
   for (unsigned l = 0; l < kWarpSize; l++) {
-    if (!(mask >> l & 1u)) continue;
+    if (!(lanes_in >> l & 1u)) continue;
     Fiber* o = &lanes[l];
-    if (o->op != last->op || o->mask != mask) {
+    if (o->op != last->op || o->mask != last->mask) {
       if (begin_error(kErrSync)) {
         appendf("warp %u of block (%u,%u,%u): lanes named in one mask wait at different warp "
                 "operations (or with different masks): lane %u at %s mask 0x%08x (%s:%d), lane "
                 "%u at %s mask 0x%08x (%s:%d)",
                 last->warp, g.block_idx.x, g.block_idx.y, g.block_idx.z, last->lane,
-                op_name(last->op), mask, last->file, last->line, l, op_name(o->op), o->mask,
-                o->file, o->line);
+                op_name(last->op), last->mask, last->file, last->line, l, op_name(o->op),
+                o->mask, o->file, o->line);
       }
-      fiber_abort();
+      return false;
     }
   }
   unsigned long long ballot = 0, all_same = 1;
   unsigned long long red = 0;
   bool first = true;
   for (unsigned l = 0; l < kWarpSize; l++) {
-    if (!(mask >> l & 1u)) continue;
+    if (!(lanes_in >> l & 1u)) continue;
     unsigned long long v = lanes[l].value;
     if (v) ballot |= 1ull << l;
     if (lanes[l].value != last->value) all_same = 0;
@@ -544,7 +589,7 @@ static void complete_warp_op(Fiber* last) {
     }
   }
   for (unsigned l = 0; l < kWarpSize; l++) {
-    if (!(mask >> l & 1u)) continue;
+    if (!(lanes_in >> l & 1u)) continue;
     Fiber* o = &lanes[l];
     switch (o->op) {
       case kShflIdx:
@@ -552,27 +597,46 @@ static void complete_warp_op(Fiber* last) {
       case kShflDown:
       case kShflXor: {
         unsigned src = shfl_source(o->op, l, o->arg, o->width);
-        // Reading a lane that is not in the mask is undefined on a GPU: poison the result.
-        o->result = (mask >> src & 1u) ? lanes[src].value : ~0ull;
+        // Reading a lane that does not take part (not in the mask, exited, or past the end of
+        // the block) is undefined on a GPU: poison the result.
+        o->result = (lanes_in >> src & 1u) ? lanes[src].value : ~0ull;
         break;
       }
       case kBallot: o->result = ballot; break;
       case kAny: o->result = ballot != 0; break;
-      case kAll: o->result = ballot == (unsigned long long)mask; break;
+      case kAll: o->result = ballot == (unsigned long long)lanes_in; break;
       case kSyncwarp: o->result = 0; break;
       case kMatchAny: {
         unsigned long long m = 0;
         for (unsigned k = 0; k < kWarpSize; k++)
-          if ((mask >> k & 1u) && lanes[k].value == o->value) m |= 1ull << k;
+          if ((lanes_in >> k & 1u) && lanes[k].value == o->value) m |= 1ull << k;
         o->result = m;
         break;
       }
-      case kMatchAll: o->result = all_same ? mask : 0; break;
+      case kMatchAll: o->result = all_same ? lanes_in : 0; break;
       default: o->result = red; break;
     }
     o->state = St::Runnable;
   }
-  g.warps[last->warp].waiting &= ~mask;
+  g.warps[last->warp].waiting &= ~lanes_in;
+  return true;
+}
+
+/* The lanes a warp operation of `f` waits for: those its mask names that have not exited. */
+inline unsigned participants(const Fiber* f) {
+  const Warp& w = g.warps[f->warp];
+  return f->mask & w.present & ~w.done;
+}
+
+/* A lane exited: operations of its warp that waited for it may now be complete. */
+static void lane_exited(unsigned warp) {
+  Warp& w = g.warps[warp];
+  for (unsigned l = 0; l < kWarpSize && w.waiting; l++) {
+    if (!(w.waiting >> l & 1u)) continue;
+    Fiber* f = &g.fibers[warp * kWarpSize + l];
+    unsigned lanes_in = participants(f);
+    if ((w.waiting & lanes_in) == lanes_in && !complete_warp_op(f, lanes_in)) return;
+  }
 }
 
 static unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int arg,
@@ -584,15 +648,6 @@ static unsigned long long warp_op(int op, unsigned mask, unsigned long long valu
     thread_error(kErrSync, file, line,
                  "%s with mask 0x%08x that does not include the calling lane %u", op_name(op),
                  mask, f->lane);
-  if (mask & ~w.present)
-    thread_error(kErrSync, file, line,
-                 "%s with mask 0x%08x names lanes that do not exist (the block has %u threads, "
-                 "so warp %u has lanes 0x%08x)",
-                 op_name(op), mask, g.nthreads, f->warp, w.present);
-  if (mask & w.done)
-    thread_error(kErrSync, file, line,
-                 "%s with mask 0x%08x waits for lanes 0x%08x that have already exited",
-                 op_name(op), mask, mask & w.done);
   if ((op == kShflIdx || op == kShflUp || op == kShflDown || op == kShflXor) &&
       (width <= 0 || width > (int)kWarpSize || (width & (width - 1)) != 0))
     thread_error(kErrSync, file, line, "%s with width %d: width must be a power of 2 <= 32",
@@ -606,7 +661,8 @@ static unsigned long long warp_op(int op, unsigned mask, unsigned long long valu
   f->line = line;
   f->state = St::Warp;
   w.waiting |= bit;
-  if ((w.waiting & mask) == mask) complete_warp_op(f);
+  unsigned lanes_in = participants(f);
+  if ((w.waiting & lanes_in) == lanes_in && !complete_warp_op(f, lanes_in)) fiber_abort();
   park();
   return f->result;
 }
@@ -628,6 +684,8 @@ inline unsigned long long next_random() {  // splitmix64
 }
 
 static void poison_shared();
+static void check_shared_redzones();
+static void check_smem_limits();
 
 static void report_deadlock() {
   if (!begin_error(kErrSync)) return;
@@ -669,22 +727,18 @@ static void run_block() {
   for (;;) {
     if (g.schedule == kRandom) {  // a fresh permutation every round
       for (unsigned i = n - 1; i > 0; i--) {
-        unsigned j = (unsigned)(next_random() % (i + 1));
+        // Lemire's multiply-shift: a bounded random number without a division.
+        unsigned j = (unsigned)(((next_random() >> 32) * (unsigned long long)(i + 1)) >> 32);
         unsigned t = g.order[i];
         g.order[i] = g.order[j];
         g.order[j] = t;
       }
     }
-    bool progressed = false;
-    for (unsigned k = 0; k < n; k++) {
-      Fiber* f = &g.fibers[g.order[k]];
-      if (f->state != St::Runnable) continue;
-      resume(f);
-      progressed = true;
-      if (g.error_kind != kOk) return;
-    }
-    if (g.done == n) return;
-    if (!progressed) {
+    g.round_pos = 0;
+    g.progressed = false;
+    run_round();
+    if (g.error_kind != kOk || g.done == n) return;
+    if (!g.progressed) {
       report_deadlock();
       return;
     }
@@ -712,32 +766,137 @@ static bool ensure_stacks(unsigned n) {
 }  // namespace __emu
 
 /* ---------------------------------------------------------------- shared memory */
-/* Static __shared__ variables live in the "emu_shared" section (build.py turns each into a
- * static variable there); dynamic shared memory (`extern __shared__ T x[]`) is one buffer that
- * build.py aliases every such name to. Both are filled with 0xFF before every block. */
-__attribute__((section("emu_shared"), used)) static char __emu_shared_anchor[1];
-extern "C" char __start_emu_shared[] __attribute__((visibility("hidden")));
-extern "C" char __stop_emu_shared[] __attribute__((visibility("hidden")));
+/* build.py rewrites each static `__shared__ T name[N];` into
+ *     static __emu::Shared<T[N], align> __emu_shared_K_name(...);  auto& name = __emu_shared_K_name.use();
+ * (a plain static variable: g++ ignores section attributes on statics of template functions,
+ * which is where kernels keep their shared memory). A Shared registers itself the first time
+ * a thread passes its declaration; every registered variable is filled with 0xFF before each
+ * block, so a read of shared memory no thread of the block wrote shows up (NaN, -1). Redzones
+ * surround each value: under ASan an access into them is reported; without it they hold 0xFF
+ * and a block that wrote into one fails after the block.
+ *
+ * Dynamic shared memory (`extern __shared__ T name[]`) is one buffer, __emu_dynamic_smem,
+ * that build.py aliases every such name to; it is poisoned the same way for the launch's
+ * shared_mem bytes, under ASan the bytes past them are unaddressable, and without ASan the
+ * 4 KB past them are a 0xFF canary checked after each block. */
 extern "C" __attribute__((visibility("hidden"), aligned(128)))
 char __emu_dynamic_smem[__emu::kMaxDynamicSmem];
 __attribute__((aligned(128))) char __emu_dynamic_smem[__emu::kMaxDynamicSmem];
 
 namespace __emu {
 
-/* Not instrumented: under ASan the section also holds the redzones between variables, which
- * must keep their poison, and memset would be checked against it. */
-__attribute__((no_sanitize_address, noinline)) static void fill_bytes(char* p, size_t n) {
-  volatile char* q = p;
-  for (size_t i = 0; i < n; i++) q[i] = (char)0xFF;
+struct SharedVar {
+  char* left;  // the redzone before the value (then the value, then the one after it)
+  size_t size, left_size;
+  const char* name;
+  const char* file;
+  int line;
+};
+enum : unsigned { kMaxSharedVars = 4096 };
+enum : size_t { kSharedRedzone = 64, kDynamicCanary = 4096 };
+static SharedVar g_shared[kMaxSharedVars];  // zero-initialised before any constructor runs
+static unsigned g_shared_count;
+static size_t g_shared_bytes;
+
+inline void register_shared(const SharedVar& v) {
+  if (g_shared_count == kMaxSharedVars) {
+    fprintf(stderr, "nanovllm emulator: more than %u __shared__ variables\n", kMaxSharedVars);
+    abort();
+  }
+  g_shared[g_shared_count++] = v;
+  g_shared_bytes += v.size;
+  // Registered in the middle of a block: this block sees poison too.
+  memset(v.left + v.left_size, 0xFF, v.size);
+#if __EMU_ASAN
+  ASAN_POISON_MEMORY_REGION(v.left, v.left_size);
+  ASAN_POISON_MEMORY_REGION(v.left + v.left_size + v.size, kSharedRedzone);
+#else
+  memset(v.left, 0xFF, v.left_size);
+  memset(v.left + v.left_size + v.size, 0xFF, kSharedRedzone);
+#endif
 }
 
+/* The value between two redzones: ASan poisons them; without ASan they hold 0xFF, so a read
+ * just past the value sees poison and a write there is found after the block. */
+template <class T, size_t A>
+struct Shared {
+  alignas(A) alignas(T) char left[kSharedRedzone > A ? kSharedRedzone : A];
+  alignas(A) alignas(T) T value;
+  char right[kSharedRedzone];
+  unsigned long long launch = 0;
+  Shared(const char* name, const char* file, int line) {
+    register_shared(SharedVar{left, sizeof(T), sizeof left, name, file, line});
+  }
+  /* Every pass through the declaration: counts the variable towards this launch's static
+   * shared memory (what a GPU reserves per block for this kernel). */
+  T& use() {
+    if (launch != g.launch_id) {
+      launch = g.launch_id;
+      g.launch_static_smem += sizeof(T);
+    }
+    return value;
+  }
+};
+
 static void poison_shared() {
+  for (unsigned i = 0; i < g_shared_count; i++) {
+    const SharedVar& v = g_shared[i];
 #if __EMU_ASAN
-  fill_bytes(__start_emu_shared, (size_t)(__stop_emu_shared - __start_emu_shared));
-#else
-  memset(__start_emu_shared, 0xFF, (size_t)(__stop_emu_shared - __start_emu_shared));
+    memset(v.left + v.left_size, 0xFF, v.size);
+#else  // the redzones too: a failed launch may have left one written
+    memset(v.left, 0xFF, v.left_size + v.size + kSharedRedzone);
 #endif
+  }
   memset(__emu_dynamic_smem, 0xFF, g.dyn_smem);
+#if !__EMU_ASAN
+  size_t canary = kMaxDynamicSmem - g.dyn_smem < kDynamicCanary ? kMaxDynamicSmem - g.dyn_smem
+                                                                 : kDynamicCanary;
+  memset(__emu_dynamic_smem + g.dyn_smem, 0xFF, canary);
+#endif
+}
+
+inline bool all_ff(const char* p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)p[i] != 0xFF) return false;
+  return true;
+}
+
+/* After a block: the static __shared__ memory its threads declared, which only now is known,
+ * must fit what a GPU allows with the launch's dynamic shared memory. */
+static void check_smem_limits() {
+  size_t st = g.launch_static_smem;
+  if (st > kMaxStaticSmem && begin_error(kErrLaunch))
+    appendf("kernel %s declares %zu bytes of static __shared__ memory: more than the 48 KB "
+            "ptxas accepts (use dynamic shared memory above that)",
+            g.kernel->name, st);
+  else if (st + g.dyn_smem > kMaxDynamicSmem && begin_error(kErrLaunch))
+    appendf("kernel %s: %zu bytes of static and %zu of dynamic shared memory exceed the %lu "
+            "bytes a block may have",
+            g.kernel->name, st, g.dyn_smem, (unsigned long)kMaxDynamicSmem);
+}
+
+/* After a block, without ASan: did it write into a redzone? (ASan reports the access itself.) */
+static void check_shared_redzones() {
+#if !__EMU_ASAN
+  for (unsigned i = 0; i < g_shared_count; i++) {
+    const SharedVar& v = g_shared[i];
+    bool before = !all_ff(v.left, v.left_size);
+    if (before || !all_ff(v.left + v.left_size + v.size, kSharedRedzone)) {
+      if (begin_error(kErrMemory))
+        appendf("block (%u,%u,%u) wrote %s __shared__ %s (%s:%d); run with sanitize=True to "
+                "see the line that did it",
+                g.block_idx.x, g.block_idx.y, g.block_idx.z, before ? "before the start of"
+                : "past the end of", v.name, v.file, v.line);
+      return;
+    }
+  }
+  size_t canary = kMaxDynamicSmem - g.dyn_smem < kDynamicCanary ? kMaxDynamicSmem - g.dyn_smem
+                                                                 : kDynamicCanary;
+  if (!all_ff(__emu_dynamic_smem + g.dyn_smem, canary) && begin_error(kErrMemory))
+    appendf("block (%u,%u,%u) wrote past the end of its dynamic shared memory (the launch gave "
+            "shared_mem=%zu bytes); run with sanitize=True to see the line that did it",
+            g.block_idx.x, g.block_idx.y, g.block_idx.z, g.dyn_smem);
+#endif
 }
 
 }  // namespace __emu
@@ -1110,9 +1269,15 @@ inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
 /* -- what the emulator cannot honestly run fails to compile with a reason -- */
 namespace nvcuda {
 namespace wmma {
-template <class... T>
+template <class T> struct __unsupported { static constexpr bool value = false; };
+struct matrix_a;
+struct matrix_b;
+struct accumulator;
+struct row_major;
+struct col_major;
+template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment {
-  static_assert(sizeof...(T) == 0, "wmma / tensor-core fragments cannot run in the CPU emulator");
+  static_assert(__unsupported<Use>::value, "wmma / tensor cores cannot run in the CPU emulator");
 };
 }  // namespace wmma
 }  // namespace nvcuda
@@ -1213,7 +1378,7 @@ const KernelEntry* kernel_table(int* count);
 
 }  // namespace __emu
 
-__EMU_EXPORT int emu_abi_version() { return 1; }
+__EMU_EXPORT int emu_abi_version() { return 2; }
 
 __EMU_EXPORT int emu_kernel_count() {
   int n = 0;
@@ -1236,15 +1401,18 @@ __EMU_EXPORT const char* emu_kernel_param(int k, int i) {
   return __emu::kernel_table(&n)[k].param_types[i];
 }
 
+__EMU_EXPORT void* emu_dynamic_smem() { return __emu_dynamic_smem; }
+
 __EMU_EXPORT unsigned long emu_static_smem_bytes() {
-  return (unsigned long)(__stop_emu_shared - __start_emu_shared) - sizeof __emu_shared_anchor;
+  return (unsigned long)__emu::g_shared_bytes;
 }
 
 /* dims: grid x,y,z then block x,y,z (validated by Python). Runs every block of the grid and
- * returns 0, or an error kind with the message copied into err. */
+ * returns 0, or an error kind with the message copied into err; *static_smem gets the static
+ * __shared__ memory the kernel declared. */
 __EMU_EXPORT int emu_launch(int k, const unsigned* dims, unsigned long dyn_smem, int schedule,
                               unsigned long long seed, const char* args, char* err,
-                              unsigned long errcap) {
+                              unsigned long errcap, unsigned long* static_smem) {
   using namespace __emu;
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   int n = 0;
@@ -1259,20 +1427,12 @@ __EMU_EXPORT int emu_launch(int k, const unsigned* dims, unsigned long dyn_smem,
   g.dyn_smem = dyn_smem;
   g.error_kind = kOk;
   g.error[0] = 0;
+  g.launch_id++;
+  g.launch_static_smem = 0;
   if (!ensure_stacks(g.nthreads)) {
     snprintf(err, errcap, "could not map %u fiber stacks", g.nthreads);
     return kErrLaunch;
   }
-  unsigned mxcsr;
-  unsigned short fpucw = 0x037F;
-#if defined(__x86_64__)
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-#else
-  mxcsr = 0;
-#endif
-  g.mxcsr = mxcsr;
-  g.fpucw = fpucw;
   for (unsigned i = 0; i < g.nthreads; i++) {
     Fiber* f = &g.fibers[i];
     f->linear = i;
@@ -1309,8 +1469,12 @@ __EMU_EXPORT int emu_launch(int k, const unsigned* dims, unsigned long dyn_smem,
     g.block_idx = make_uint3((unsigned)(id % g.grid.x), (unsigned)(id / g.grid.x % g.grid.y),
                              (unsigned)(id / ((unsigned long long)g.grid.x * g.grid.y)));
     run_block();
+    if (g.error_kind == kOk) check_shared_redzones();
+    if (g.error_kind == kOk) check_smem_limits();
   }
   g.cur = nullptr;
+  *static_smem = g.launch_static_smem;
+  fflush(stdout);  // device printf output appears when the launch ends, as after a GPU sync
 #if __EMU_ASAN
   ASAN_UNPOISON_MEMORY_REGION(__emu_dynamic_smem, kMaxDynamicSmem);
 #endif

@@ -29,5 +29,11 @@ class SynchronizationError(EmulatorError):
     or a mask naming lanes that exited."""
 
 
+class SharedMemoryError(EmulatorError):
+    """Without AddressSanitizer: a block wrote into the redzone around a __shared__ variable
+    or past the launch's dynamic shared memory (found after the block; sanitize=True shows
+    the line)."""
+
+
 class AddressSanitizerError(EmulatorError):
     """AddressSanitizer caught an invalid memory access (sanitize=True builds)."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ERROR_BUFFER = 16 * 1024  # the header keeps at most this much of a message
 
 # Error kinds returned by emu_launch (see cuda_emulator.h).
-OK, ERR_ASSERT, ERR_SYNC, ERR_LAUNCH = 0, 1, 2, 3
+OK, ERR_ASSERT, ERR_SYNC, ERR_LAUNCH, ERR_MEMORY = 0, 1, 2, 3, 4
 
 
 class NativeModule:
@@ -28,6 +28,7 @@ class NativeModule:
             ("emu_kernel_nparams", ctypes.c_int, [ctypes.c_int]),
             ("emu_kernel_param", ctypes.c_char_p, [ctypes.c_int, ctypes.c_int]),
             ("emu_static_smem_bytes", ctypes.c_ulong, []),
+            ("emu_dynamic_smem", ctypes.c_void_p, []),
             (
                 "emu_launch",
                 ctypes.c_int,
@@ -40,6 +41,7 @@ class NativeModule:
                     ctypes.c_char_p,
                     ctypes.c_char_p,
                     ctypes.c_ulong,
+                    ctypes.POINTER(ctypes.c_ulong),
                 ],
             ),
         ):
@@ -61,6 +63,9 @@ class NativeModule:
     def static_smem_bytes(self) -> int:
         return int(self.lib.emu_static_smem_bytes())
 
+    def dynamic_smem_address(self) -> int:
+        return int(self.lib.emu_dynamic_smem())
+
     def launch(
         self,
         kernel: int,
@@ -69,11 +74,21 @@ class NativeModule:
         schedule: int,
         seed: int,
         args: bytes,
-    ) -> tuple[int, str]:
-        """Runs the whole grid; returns (error kind, message), (OK, "") on success."""
+    ) -> tuple[int, str, int]:
+        """Runs the whole grid; returns (error kind, message, static shared memory the kernel
+        declared), with (OK, "") on success."""
         cdims = (ctypes.c_uint * 6)(*dims)
         error = ctypes.create_string_buffer(ERROR_BUFFER)  # per call: launches may overlap
+        static_smem = ctypes.c_ulong(0)
         rc = self.lib.emu_launch(
-            kernel, cdims, dyn_smem, schedule, seed & (2**64 - 1), args, error, ERROR_BUFFER
+            kernel,
+            cdims,
+            dyn_smem,
+            schedule,
+            seed & (2**64 - 1),
+            args,
+            error,
+            ERROR_BUFFER,
+            ctypes.byref(static_smem),
         )
-        return rc, (error.value.decode(errors="replace") if rc else "")
+        return rc, (error.value.decode(errors="replace") if rc else ""), static_smem.value

@@ -28,8 +28,15 @@ _POINTEE_DTYPES: dict[str, tuple[str, ...]] = {
     "i32": ("int32",), "u32": ("uint32",), "i64": ("int64",), "u64": ("uint64",),
     "ptr": ("uint64", "int64"),
 }  # fmt: skip
+_POINTEE_DTYPE_SETS = {
+    base: frozenset(np.dtype(n) for n in names if n != "bfloat16")
+    for base, names in _POINTEE_DTYPES.items()
+}
 _INTEGER_BASES = {"bool", "char", "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64"}
 _SCALAR_DTYPES = {"f32": "float32", "f64": "float64", "f16": "float16", "bf16": "uint16"}
+_SCALAR_DTYPE_OBJECTS = {base: np.dtype(name) for base, name in _SCALAR_DTYPES.items()}
+_FLOAT64 = np.dtype("float64")
+_BYTES = frozenset((np.dtype("uint8"), np.dtype("int8")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +114,12 @@ class Signature:
     def _pointer(self, param: Param, arg: object) -> int:
         t = param.type
         if not isinstance(arg, np.ndarray):
-            what = _describe(arg)
-            raise self._fail(param, what, "pass an array (a device pointer) or None")
-        accepted = _POINTEE_DTYPES.get(t.base)
+            raise self._fail(param, _describe(arg), "pass an array (a device pointer) or None")
         dtype = arg.dtype
-        if t.base == "other":
-            ok = dtype.kind == "V" and dtype.itemsize == t.size or dtype in (np.uint8, np.int8)
-        else:
-            ok = accepted is None or dtype.name in accepted
-        if not ok:
-            want = " or ".join(accepted) if accepted else f"a {t.size}-byte record dtype"
+        accepted = _POINTEE_DTYPE_SETS.get(t.base)
+        if dtype not in (accepted or ()) and not _pointee_ok(t, dtype):
+            names = _POINTEE_DTYPES.get(t.base)
+            want = " or ".join(names) if names else f"a {t.size}-byte record dtype"
             raise self._fail(
                 param,
                 f"a {dtype.name} array",
@@ -142,27 +145,40 @@ class Signature:
         if isinstance(arg, np.generic):
             kind = "float" if arg.dtype.kind in "fc" else "int"
             data = arg.tobytes()
-            passed = f"np.{arg.dtype.name}"
         elif isinstance(arg, bool | int):
             if not -(2**63) <= arg < 2**64:
                 raise OverflowError(f"{self.kernel}: {param.label()}: {arg} does not fit 64 bits")
-            kind, passed = "int", f"Python {type(arg).__name__}"
-            data = struct.pack("<q" if arg < 2**63 else "<Q", int(arg))
+            kind, data = "int", struct.pack("<q" if arg < 2**63 else "<Q", int(arg))
         elif isinstance(arg, float):
-            kind, passed, data = "float", "Python float", struct.pack("<d", arg)
+            kind, data = "float", struct.pack("<d", arg)
         else:
             raise self._fail(param, _describe(arg), "CuPy cannot pass this type")
         if t.base in _INTEGER_BASES:
             ok = kind == "int" and len(data) == t.size
         elif t.base in _SCALAR_DTYPES:
-            ok = isinstance(arg, np.generic) and arg.dtype.name == _SCALAR_DTYPES[t.base]
-            ok = ok or (t.base == "f64" and kind == "float" and len(data) == 8)
+            want = _SCALAR_DTYPE_OBJECTS[t.base]
+            ok = (isinstance(arg, np.generic) and arg.dtype == want) or (
+                want == _FLOAT64 and isinstance(arg, float)
+            )
         else:  # vector or struct by value: only the width can be checked
             ok = isinstance(arg, np.generic) and len(data) == t.size
         if not ok:
+            passed = f"np.{arg.dtype.name}" if isinstance(arg, np.generic) else _describe(arg)
+            if not isinstance(arg, np.generic):
+                passed = f"Python {passed}"
             raise self._fail(param, f"{passed} ({len(data)} bytes as CuPy passes it)",
                              _scalar_hint(t))  # fmt: skip
         return data
+
+
+def _pointee_ok(t: ParamType, dtype: np.dtype) -> bool:
+    """The slow path of the pointee check: any dtype for void*, raw bytes or a record of the
+    right size for a struct, ml_dtypes' bfloat16 for bf16."""
+    if t.base == "void":
+        return True
+    if t.base == "other":
+        return (dtype.kind == "V" and dtype.itemsize == t.size) or dtype in _BYTES
+    return t.base in ("bf16", "bf16x2") and dtype.name == "bfloat16"
 
 
 def _scalar_hint(t: ParamType) -> str:
