@@ -149,7 +149,10 @@ def run_overhead(engine, num_seqs: int, steps: int, prompt_len: int = 32) -> Ove
         engine.add_request(f"overhead-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
     while engine.stats().num_waiting or engine.stats().num_running < num_seqs:
         engine.step()  # prefill everything first: we time decode steps
+    preempted = engine.stats().num_preemptions
     timings = _time_steps(engine, steps)
+    if engine.stats().num_preemptions != preempted:
+        raise RuntimeError("sequences were preempted during the timed steps; raise --num-blocks")
     for i in range(num_seqs):
         engine.abort_request(f"overhead-{i}")
     return OverheadResult(num_seqs, steps, *(1000 * t / steps for t in timings))
@@ -187,6 +190,9 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     config = engine_config(args)
     config.max_num_seqs = max(config.max_num_seqs, args.num_seqs)
     config.max_num_batched_tokens = max(config.max_num_batched_tokens, args.num_seqs * 32)
+    # Room for every sequence to the end, so the timed steps are decodes, not preemptions.
+    per_seq = -(-(32 + args.steps + 8) // config.block_size)
+    config.num_blocks = max(config.num_blocks, args.num_seqs * per_seq)
     result = run_overhead(LLMEngine(config), args.num_seqs, args.steps)
     if args.json:
         print(json.dumps(result.as_dict()))

@@ -65,6 +65,8 @@ def _read_stream(response, start: float) -> RequestResult:
             continue
         chunk = json.loads(line[6:])
         now = time.perf_counter()
+        if "error" in chunk:  # the server ended the stream with an error
+            return RequestResult(False, error=str(chunk["error"].get("message")))
         if chunk.get("usage"):
             result.prompt_tokens = chunk["usage"]["prompt_tokens"]
             result.output_tokens = chunk["usage"]["completion_tokens"]

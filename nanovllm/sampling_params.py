@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 _EPS = 1e-5
@@ -104,5 +105,5 @@ def _check_int(name: str, value, minimum: int | None) -> None:
 
 
 def _check_number(name: str, value) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

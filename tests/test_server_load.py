@@ -118,6 +118,36 @@ def test_dropped_streams_are_aborted_and_free_their_blocks(server):
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
+def test_a_dropped_non_streamed_request_is_aborted_and_frees_its_blocks(server):
+    before = server.metrics()
+    port = int(server.url.rsplit(":", 1)[1])
+    # 64 choices x 240 tokens through 8 slots: seconds of work, far longer than the test waits.
+    body = {"prompt": PROMPT, "max_tokens": 240, "n": 64, "ignore_eos": True}
+    sock = open_raw_request(port, body)
+    deadline = time.monotonic() + 10
+    while server.metrics()[("vllm:num_requests_running", ())] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    sock.close()
+    after = wait_idle(server)
+    abort = ("vllm:request_success_total", (("finished_reason", "abort"),))
+    length = ("vllm:request_success_total", (("finished_reason", "length"),))
+    assert after[abort] - before[abort] == 1
+    assert after[length] == before[length]  # it did not run to the end
+    assert after[("vllm:kv_cache_usage_perc", ())] == 0
+
+
+def open_raw_request(port: int, body: dict) -> socket.socket:
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT_S)
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
 def open_raw_stream(port: int, prompt: str) -> socket.socket:
     body = json.dumps(
         {"prompt": prompt, "max_tokens": 240, "ignore_eos": True, "stream": True}

@@ -19,7 +19,7 @@ import falcon
 from nanovllm import __version__
 from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.server.admission import Admission
-from nanovllm.server.engine_thread import EngineFailure, EngineThread, Submission
+from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.server.protocol import (
@@ -122,7 +122,7 @@ class Routes:
         if request.stream:
             self._stream(resp, sub, builder, request.include_usage)
         else:
-            self._respond(resp, sub, builder)
+            self._respond(req, resp, sub, builder)
 
     def _submit(self, request: GenerateRequest) -> Submission:
         try:
@@ -134,11 +134,17 @@ class Routes:
         except EngineFailure as e:
             raise APIError(503, str(e), code="shutting_down") from e
 
-    def _respond(self, resp: falcon.Response, sub: Submission, builder: ResponseBuilder) -> None:
+    def _respond(
+        self, req: falcon.Request, resp: falcon.Response, sub: Submission, builder: ResponseBuilder
+    ) -> None:
         engine = self.state.engine
         try:
-            finals = {i: out for i, out in engine.results(sub) if out.finished}
+            # waitress tells whether the client is still there (channel_request_lookahead).
+            gone = req.env.get("waitress.client_disconnected")
+            finals = {i: out for i, out in engine.results(sub, gone) if out.finished}
             resp.media = builder.response([finals[i] for i in range(len(sub.prompts))])
+        except ClientGone:
+            resp.status = 499  # nginx's "client closed request"; nobody reads it
         except EngineFailure as e:
             raise APIError(503, str(e), code="engine_failure") from e
         finally:

@@ -28,6 +28,11 @@ logger = logging.getLogger("nanovllm.server")
 Prompt = str | list[int]
 # How often a waiting request thread checks that the engine thread is still alive.
 _LIVENESS_POLL_S = 1.0
+_DISCONNECT_POLL_S = 0.25  # how soon a non-streamed request notices its client left
+
+
+class ClientGone(Exception):
+    """The client of a non-streamed request closed its connection; the request is aborted."""
 
 
 class EngineFailure(Exception):
@@ -96,11 +101,21 @@ class EngineThread:
             raise sub.error
         return sub
 
-    def results(self, sub: Submission) -> Iterator[tuple[int, RequestOutput]]:
-        """Every output of `sub` as the engine produces it, until all its prompts finished."""
+    def results(
+        self, sub: Submission, disconnected: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Every output of `sub` as the engine produces it, until all its prompts finished.
+        Raises ClientGone if `disconnected()` says the client left while we wait."""
+        poll = _DISCONNECT_POLL_S if disconnected is not None else _LIVENESS_POLL_S
+        next_check = time.monotonic() + poll
         while not sub.done:
+            if disconnected is not None and time.monotonic() >= next_check:
+                # Checked on a clock, not only when idle: outputs may never stop arriving.
+                next_check = time.monotonic() + poll
+                if disconnected():
+                    raise ClientGone(sub.id)
             try:
-                item = sub.outputs.get(timeout=_LIVENESS_POLL_S)
+                item = sub.outputs.get(timeout=poll)
             except queue.Empty:
                 if not self.is_alive():
                     raise EngineFailure("the engine has stopped") from None

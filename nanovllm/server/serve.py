@@ -110,6 +110,9 @@ def _waitress_server(state: ServerState, config: ServerConfig) -> BaseWSGIServer
         # Above our own limit, so that our handler (not waitress) answers 413 in OpenAI's shape.
         max_request_body_size=4 * config.max_body_bytes,
         ident="nanovllm",
+        # Lets a handler see that its client left (waitress.client_disconnected), so a
+        # non-streamed request is aborted instead of generating for nobody.
+        channel_request_lookahead=1,
     )
 
 
