@@ -127,6 +127,7 @@ class NullModel:
 class OverheadResult:
     num_seqs: int
     steps: int
+    outputs: str  # "final_only" (offline generate) or "cumulative" (streaming server)
     ms_per_step: float
     ms_schedule: float
     ms_runner: float
@@ -137,14 +138,17 @@ class OverheadResult:
         return asdict(self)
 
 
-def run_overhead(engine, num_seqs: int, steps: int, prompt_len: int = 32) -> OverheadResult:
+def run_overhead(
+    engine, num_seqs: int, steps: int, prompt_len: int = 32, final_only: bool = True
+) -> OverheadResult:
     """Decode steps of num_seqs sequences through the real engine around a NullModel."""
-    from nanovllm.sampling_params import SamplingParams
+    from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
     engine.runner.model = NullModel(engine.model_config)
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True, output_kind=kind)
     for i in range(num_seqs):
         engine.add_request(f"overhead-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
     while engine.stats().num_waiting or engine.stats().num_running < num_seqs:
@@ -155,7 +159,8 @@ def run_overhead(engine, num_seqs: int, steps: int, prompt_len: int = 32) -> Ove
         raise RuntimeError("sequences were preempted during the timed steps; raise --num-blocks")
     for i in range(num_seqs):
         engine.abort_request(f"overhead-{i}")
-    return OverheadResult(num_seqs, steps, *(1000 * t / steps for t in timings))
+    outputs = "final_only" if final_only else "cumulative"
+    return OverheadResult(num_seqs, steps, outputs, *(1000 * t / steps for t in timings))
 
 
 def _time_steps(engine, steps: int) -> tuple[float, ...]:
@@ -193,17 +198,25 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     # Room for every sequence to the end, so the timed steps are decodes, not preemptions.
     per_seq = -(-(32 + args.steps + 8) // config.block_size)
     config.num_blocks = max(config.num_blocks, args.num_seqs * per_seq)
-    result = run_overhead(LLMEngine(config), args.num_seqs, args.steps)
-    if args.json:
+    engine = LLMEngine(config)
+    for final_only in (True, False):
+        _report_overhead(
+            run_overhead(engine, args.num_seqs, args.steps, final_only=final_only), args.json
+        )
+    return 0
+
+
+def _report_overhead(result: OverheadResult, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(result.as_dict()))
     else:
         print(
-            f"{result.num_seqs} sequences, {result.steps} decode steps: {result.ms_per_step:.3f} ms/step "
+            f"{result.num_seqs} sequences, {result.steps} decode steps, {result.outputs} outputs: "
+            f"{result.ms_per_step:.3f} ms/step "
             f"(schedule {result.ms_schedule:.3f}, batch build + null forward {result.ms_runner:.3f}, "
             f"sampler {result.ms_sampler:.3f}, detokenize + stop checks + outputs "
             f"{result.ms_postprocess:.3f})"
         )
-    return 0
 
 
 def add_bench_parser(sub) -> None:

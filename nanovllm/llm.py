@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, object]
@@ -78,6 +78,7 @@ class LLM:
         engine, order = self.engine, []
         try:
             for prompt, params, special in jobs:
+                params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
                 request_id = str(next(self._ids))
                 engine.add_request(request_id, prompt, params, add_special_tokens=special)
                 order.append(request_id)

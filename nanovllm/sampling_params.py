@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 
 _EPS = 1e-5
+
+
+class RequestOutputKind(Enum):
+    """Which outputs a request produces, as in vLLM. CUMULATIVE: one per step that changed it
+    (with the text so far and the step's delta); FINAL_ONLY: only the finished one, which spares
+    the engine building outputs nobody reads (offline generation, non-streamed requests)."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass(slots=True)
@@ -27,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

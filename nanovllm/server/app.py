@@ -18,6 +18,7 @@ import falcon
 
 from nanovllm import __version__
 from nanovllm.models.tokenizer import Tokenizer
+from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.server.admission import Admission
 from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
@@ -125,10 +126,11 @@ class Routes:
             self._respond(req, resp, sub, builder)
 
     def _submit(self, request: GenerateRequest) -> Submission:
+        params = request.params
+        if not request.stream:  # only the finished output is read: spare the engine the rest
+            params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
         try:
-            return self.state.engine.submit(
-                request.prompts, request.params, request.add_special_tokens
-            )
+            return self.state.engine.submit(request.prompts, params, request.add_special_tokens)
         except ValueError as e:  # the engine's checks: prompt length, token ids, max_tokens
             raise bad_request(str(e)) from e
         except EngineFailure as e:
