@@ -46,6 +46,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0, help="seed of the generator for unseeded requests")  # fmt: skip
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode without CUDA graphs (on a GPU, decode steps replay one graph per batch size)",
+    )
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft-model", default=None, help="a smaller model sharing the vocabulary")
     spec.add_argument("--num-speculative-tokens", type=int, default=3)
@@ -89,6 +94,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_speculative_tokens=args.num_speculative_tokens,
         prompt_lookup_min=args.prompt_lookup_min,
         prompt_lookup_max=args.prompt_lookup_max,
+        enforce_eager=args.enforce_eager,
     )
 
 

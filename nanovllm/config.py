@@ -29,6 +29,8 @@ class EngineConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
+    # Decode without CUDA graphs (the CPU backend always does).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         self._validate_speculation()
 
     def _check_positive(self, name: str) -> None:

@@ -24,7 +24,7 @@ from nanovllm.engine.stats import EngineSnapshot, EngineStats, SequenceView
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import build_model, load_checkpoint
 from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLMEngine:
@@ -42,15 +42,23 @@ class LLMEngine:
 
             startup_self_check(backend, head_dim=checkpoint.config.head_dim)
         config.num_blocks = self._num_blocks(config, checkpoint.config, backend)
-        self.max_model_len = min(
-            self._length_limit(config, checkpoint.config), config.num_blocks * config.block_size
-        )
+        capacity = config.num_blocks * config.block_size
+        if config.max_model_len is not None and config.max_model_len > capacity:
+            raise NanovllmError(
+                f"max_model_len {config.max_model_len} exceeds the KV cache capacity of {capacity} "
+                f"tokens (num_blocks {config.num_blocks} x block_size {config.block_size}); "
+                f"raise --num-blocks or lower --max-model-len"
+            )
+        # Without an explicit max_model_len, a lone sequence must still fit in the cache.
+        self.max_model_len = min(self._length_limit(config, checkpoint.config), capacity)
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.runner = ModelRunner(
             model, backend, config.num_blocks, config.block_size, self.eos_token_ids, config.seed
         )
+        if backend.name in ("cuda", "cuda-emulated") and not config.enforce_eager:
+            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.spec = self._speculator(config, backend)
         lookahead = self.spec.lookahead if self.spec is not None else None
         self.scheduler = Scheduler(config, self.block_manager, lookahead)
@@ -228,10 +236,10 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            seq.draft_computed = 0
         if batch:
             self._counters["steps"] += 1
-            for seq in batch.preempted:
-                seq.draft_computed = 0
             self._run(batch)
         outputs = [self._output(request) for request in self._touched.values()]
         self._touched.clear()
@@ -292,7 +300,14 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             self._on_finished(seq, now)
-        elif len(seq.block_table) > self.block_manager.blocks_needed(seq.num_tokens):
+        request = seq.request
+        if tokens and (
+            request.params.output_kind is not RequestOutputKind.FINAL_ONLY or request.is_finished
+        ):
+            self._touched[request.request_id] = request
+        if seq.finish_reason is None and len(seq.block_table) > self.block_manager.blocks_needed(
+            seq.num_tokens
+        ):
             self.block_manager.trim(seq, seq.num_tokens)  # slots of rejected drafts
 
     def _append(self, seq: Sequence, token: int, logprobs, now: float) -> None:
@@ -304,7 +319,6 @@ class LLMEngine:
             self._on_first_token(seq)
         self._counters["generation_tokens"] += 1
         self._check_stop(seq, token)
-        self._touched[seq.request.request_id] = seq.request
 
     def _on_first_token(self, seq: Sequence) -> None:
         request = seq.request

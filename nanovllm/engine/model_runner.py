@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata, Backend
+from nanovllm.engine.cuda_graphs import DecodeGraphRunner
 from nanovllm.engine.sampler import SampleOutput, Sampler, SamplingRow
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.llama import LlamaForCausalLM
@@ -59,6 +60,14 @@ class ModelRunner:
         self.kv_caches = [
             (backend.zeros(shape), backend.zeros(shape)) for _ in range(cfg.num_layers)
         ]
+        self.decode_graphs: DecodeGraphRunner | None = None
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Run decode-only steps padded to batch-size buckets: CUDA graphs on a GPU, the same
+        padded step eagerly on the emulated device (nanovllm/engine/cuda_graphs.py)."""
+        self.decode_graphs = DecodeGraphRunner(
+            self.model, self.backend, self.kv_caches, self.block_size, max_batch, max_model_len
+        )
 
     def kv_cache_bytes(self) -> int:
         k_cache = self.kv_caches[0][0]
@@ -67,6 +76,12 @@ class ModelRunner:
     def logits(self, items: list[ForwardItem]):
         """Run the model once over all items; float32 logits of the requested rows, in order.
         They stay on the backend (a GPU's sampler works on them there)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.accepts(items):
+            return graphs.logits(items)
+        return self.eager_logits(items)
+
+    def eager_logits(self, items: list[ForwardItem]):
         inputs = self.prepare(items)
         hidden = self.forward(inputs)
         xp = self.backend.xp
