@@ -60,15 +60,26 @@ class CPUBackend:
         out = np.empty_like(q)
         query_lens = meta.query_lens_host
         starts = np.asarray(meta.query_start_host)
-        decode = np.flatnonzero(query_lens == 1)
-        if len(decode):
-            out[starts[decode]] = _decode_attention(
-                q[starts[decode]], k_cache, v_cache, meta, decode, scale
-            )
+        decodes = np.flatnonzero(query_lens == 1)
+        for group in _by_context_length(decodes, meta.context_lens_host):
+            rows = starts[group]
+            out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta, group, scale)
         for b in np.flatnonzero(query_lens > 1):
             rows = slice(starts[b], starts[b + 1])
             out[rows] = _prefill_attention(q[rows], k_cache, v_cache, meta, b, scale)
         return out
+
+
+_DECODE_GROUP = 8  # most decode sequences gathered and padded together
+
+
+def _by_context_length(seqs: np.ndarray, context_lens: np.ndarray) -> list[np.ndarray]:
+    """Decode sequences in groups of similar context length: each group is padded only to its own
+    longest context, so short sequences do not pay for the longest one's gather."""
+    if len(seqs) == 0:
+        return []
+    ordered = seqs[np.argsort(context_lens[seqs], kind="stable")]
+    return np.array_split(ordered, -(-len(seqs) // _DECODE_GROUP))
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -100,9 +111,10 @@ def _decode_attention(q, k_cache, v_cache, meta, seqs, scale):
     batch, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
     grouped = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = np.matmul(grouped, keys.transpose(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
-    invalid = np.arange(keys.shape[1])[None, :] >= context_lens[:, None]
-    scores[np.broadcast_to(invalid[:, None, None, :], scores.shape)] = -np.inf
+    scores = np.matmul(grouped, keys.transpose(0, 2, 3, 1))  # [B, Hkv, G, L]
+    # Scale and mask in one pass: positions past a sequence's context get -inf.
+    bias = np.where(np.arange(keys.shape[1])[None, :] < context_lens[:, None], 0.0, -np.inf)
+    scores = scores * np.float32(scale) + bias[:, None, None, :].astype(np.float32)
     probs = _softmax_last(scores)
     out = np.matmul(probs, values.transpose(0, 2, 1, 3))  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim)
