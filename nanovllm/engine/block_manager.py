@@ -97,8 +97,8 @@ class BlockManager:
         return self.blocks_needed(num_tokens) - held <= self.num_free_blocks - reuse_free
 
     def allocate(self, seq: Sequence, num_tokens: int, hits: list[int] = ()) -> None:
-        """Grow seq's block table to cover num_tokens tokens, taking `hits` first."""
-        assert self.can_allocate(seq, num_tokens, hits)
+        """Grow seq's block table to cover num_tokens tokens, taking `hits` first (the caller
+        has checked can_allocate)."""
         for block_id in hits:
             self._take(block_id)
             seq.block_table.append(block_id)

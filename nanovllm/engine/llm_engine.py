@@ -301,9 +301,8 @@ class LLMEngine:
             self.scheduler.finish(seq)
             self._on_finished(seq, now)
         request = seq.request
-        if tokens and (
-            request.params.output_kind is not RequestOutputKind.FINAL_ONLY or request.is_finished
-        ):
+        final_only = request.params.output_kind is RequestOutputKind.FINAL_ONLY
+        if tokens and (not final_only or (seq.finish_reason is not None and request.is_finished)):
             self._touched[request.request_id] = request
         if seq.finish_reason is None and len(seq.block_table) > self.block_manager.blocks_needed(
             seq.num_tokens

@@ -95,7 +95,13 @@ class ModelRunner:
 
     def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
         """The row for seq's next token; extra_output are tokens assumed appended (speculation)."""
-        output = seq.output_token_ids
+        params = seq.params
+        # Only penalties and min_tokens read the output so far; skip copying it otherwise.
+        needs_output = (
+            params.min_tokens or params.repetition_penalty != 1.0
+            or params.frequency_penalty or params.presence_penalty
+        )  # fmt: skip
+        output = seq.output_token_ids if needs_output else []
         return SamplingRow(
             params=seq.params,
             prompt_token_ids=seq.request.prompt_token_ids,
@@ -111,11 +117,15 @@ class ModelRunner:
         for item in items:
             start, end = item.start, item.start + len(item.token_ids)
             ids.extend(item.token_ids)
-            pos = np.arange(start, end)
-            positions.append(pos)
-            table = np.asarray(item.seq.block_table)
-            slots.append(table[pos // size] * size + pos % size)
-            query_start.append(query_start[-1] + len(pos))
+            table = item.seq.block_table
+            if end - start == 1:  # a decode: plain ints are far cheaper than tiny arrays
+                positions.append(start)
+                slots.append(table[start // size] * size + start % size)
+            else:
+                pos = np.arange(start, end)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table)[pos // size] * size + pos % size).tolist())
+            query_start.append(query_start[-1] + end - start)
             context_lens.append(end)
             logits_rows.extend(range(query_start[-1] - item.num_logits, query_start[-1]))
         width = max(len(item.seq.block_table) for item in items)
@@ -124,8 +134,8 @@ class ModelRunner:
             tables[row, : len(item.seq.block_table)] = item.seq.block_table
         return StepInputs(
             input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.concatenate(positions).astype(np.int64),
-            slot_mapping=np.concatenate(slots).astype(np.int64),
+            positions=np.asarray(positions, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
             query_start=np.asarray(query_start, dtype=np.int32),
             context_lens=np.asarray(context_lens, dtype=np.int32),
             block_tables=tables,
