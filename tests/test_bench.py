@@ -1,0 +1,89 @@
+"""`nanovllm bench` commands on a tiny model: they run, and their output has the documented
+fields with values that agree with the workload they were given."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _server_fixtures import start_server
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nanovllm.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_factory):
+    return str(checkpoint_factory("llama3"))
+
+
+def test_bench_throughput_json_counts_the_tokens_it_was_asked_for(model):
+    result = run_cli(
+        "bench", "throughput", "--model", model, "--device", "cpu", "--num-prompts", "6",
+        "--input-len", "5:9", "--output-len", "4", "--max-requests", "3", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_requests"] == 6
+    assert report["output_tokens"] == 6 * 4  # ignore_eos: exactly the output length
+    assert 6 * 5 <= report["prompt_tokens"] <= 6 * 9
+    assert report["max_requests"] == 3
+    expected = report["output_tokens"] / report["elapsed_s"]
+    assert report["output_tokens_per_s"] == pytest.approx(expected)
+    assert report["total_tokens_per_s"] > report["output_tokens_per_s"]
+
+
+def test_bench_throughput_text_line(model):
+    result = run_cli(
+        "bench", "throughput", "--model", model, "--device", "cpu", "--num-prompts", "2",
+        "--input-len", "4", "--output-len", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("2 requests in ")
+    assert "output tokens/s" in result.stdout and "total tokens/s" in result.stdout
+
+
+def test_bench_throughput_refuses_a_bad_range(model):
+    result = run_cli("bench", "throughput", "--model", model, "--input-len", "9:3")
+    assert result.returncode != 0
+    assert "MIN <= MAX" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_overhead_reports_both_output_kinds_and_parts_that_add_up(model):
+    result = run_cli(
+        "bench", "overhead", "--model", model, "--device", "cpu", "--num-seqs", "8",
+        "--steps", "5", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["outputs"] for r in reports] == ["final_only", "cumulative"]
+    for r in reports:
+        assert (r["num_seqs"], r["steps"]) == (8, 5)
+        parts = r["ms_schedule"] + r["ms_runner"] + r["ms_sampler"] + r["ms_postprocess"]
+        assert parts == pytest.approx(r["ms_per_step"], rel=1e-6)
+
+
+def test_bench_serve_against_a_running_server(model, tmp_path):
+    server = start_server(model, tmp_path, "--max-requests", "4")
+    try:
+        result = run_cli(
+            "bench", "serve", "--url", server.url, "--num-prompts", "6", "--input-len", "4:8",
+            "--output-len", "5", "--concurrency", "3", "--json",
+        )  # fmt: skip
+    finally:
+        assert server.stop() == 0, server.log()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_requests"] == 6 and report["failed"] == 0
+    assert report["output_tokens"] == 6 * 5
+    for name in ("ttft_ms", "tpot_ms", "itl_ms"):
+        stats = report[name]
+        assert set(stats) == {"mean", "p50", "p90", "p99"}
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
+    # The time to first token cannot exceed the whole run.
+    assert report["ttft_ms"]["p99"] <= 1000 * report["duration_s"]
