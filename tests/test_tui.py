@@ -146,8 +146,9 @@ def running_first(state: dict) -> list[dict]:
     return [s for s in seqs if s["state"] == "running"] + [s for s in seqs if s["state"] == "waiting"]  # fmt: skip
 
 
-def assert_shows(app: TopApp, metrics_text: str, state: dict, first_metrics_text: str) -> None:
-    """The app's figures and widget text equal those read from this poll's bodies."""
+def assert_shows(app: TopApp, metrics_text: str, state: dict, first_metrics_text: str) -> bool:
+    """The app's figures and widget text equal those read from this poll's bodies; True if the
+    server had speculated by then (so the acceptance figures were compared)."""
     scrape, first = samples(metrics_text), samples(first_metrics_text)
     figures = app.figures
     value = lambda name: scrape[(name, ())]  # noqa: E731
@@ -213,8 +214,12 @@ def assert_shows(app: TopApp, metrics_text: str, state: dict, first_metrics_text
     assert f"prefix-cache hit rate {100 * hits / queries:.1f}%" in counters
     drafts, drafted = value("vllm:spec_decode_num_drafts_total"), value("vllm:spec_decode_num_draft_tokens_total")  # fmt: skip
     accepted = value("vllm:spec_decode_num_accepted_tokens_total")
-    per_pos = [scrape[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(p)),))] / drafts for p in range(K)]  # fmt: skip
     spec = figures.spec
+    if drafts == 0:  # polled before the first speculative step: no ratio to show yet
+        assert spec.num_drafts == 0 and spec.mean_acceptance_length is None
+        assert spec.acceptance_rate is None and spec.per_position == [0.0] * K
+        return False
+    per_pos = [scrape[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(p)),))] / drafts for p in range(K)]  # fmt: skip
     assert spec.acceptance_rate == accepted / drafted == 1.0  # the draft is the target
     assert spec.mean_acceptance_length == 1 + accepted / drafts
     assert spec.per_position == per_pos
@@ -224,6 +229,7 @@ def assert_shows(app: TopApp, metrics_text: str, state: dict, first_metrics_text
         + " ".join(f"{p:.2f}" for p in per_pos)
         in counters
     )
+    return True
 
 
 # ---- against a real server -----------------------------------------------------------------
@@ -235,17 +241,18 @@ async def test_dashboard_shows_what_the_server_reported_at_each_poll_under_load(
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.poll_count == 1)  # the poll at start-up
             first_metrics, _ = recorder.last_poll()
-            busy_polls = 0
+            busy_polls = speculating_polls = 0
             for _ in range(40):
                 await poll(app, pilot)
                 metrics_text, state = recorder.last_poll()
                 assert app.last_poll.error is None
-                assert_shows(app, metrics_text, state, first_metrics)
+                speculating_polls += assert_shows(app, metrics_text, state, first_metrics)
                 busy_polls += any(s["state"] == "running" for s in state["sequences"])
-                if busy_polls >= 3:
+                if busy_polls >= 3 and speculating_polls >= 1:
                     break
                 await pilot.pause(0.1)
             assert busy_polls >= 3, "the load never showed up as running requests"
+            assert speculating_polls >= 1, "no poll saw a speculative step"
             assert app.figures.metrics.generation_tokens > 0
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from nanovllm.engine.stats import SequenceView  # the JSON endpoint's rows, as the engine made them
+
 HISTORY_S = 300.0  # the sparklines cover the last five minutes
 RECENT_S = 60.0  # the "1m" latency window
 QUANTILES = (0.5, 0.9, 0.99)
@@ -150,25 +152,13 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
 
 # ---- /v1/engine/state ----------------------------------------------------------------------
 @dataclass(slots=True)
-class SequenceRow:
-    request_id: str
-    index: int
-    state: str  # "running" or "waiting"
-    prompt_tokens: int
-    output_tokens: int
-    computed_tokens: int
-    num_blocks: int
-    age_s: float
-
-
-@dataclass(slots=True)
 class EngineState:
     """The server's live sequences and the state of each KV block, one character per block."""
 
     blocks: str  # "u" used, "s" shared, "c" free holding a cached prefix, "." free
     block_size: int
     max_num_seqs: int
-    sequences: list[SequenceRow]
+    sequences: list[SequenceView]
 
     @property
     def num_blocks(self) -> int:
@@ -191,11 +181,11 @@ class EngineState:
         return self.blocks.count(".")
 
     @property
-    def running(self) -> list[SequenceRow]:
+    def running(self) -> list[SequenceView]:
         return [seq for seq in self.sequences if seq.state == "running"]
 
     @property
-    def waiting(self) -> list[SequenceRow]:
+    def waiting(self) -> list[SequenceView]:
         return [seq for seq in self.sequences if seq.state == "waiting"]
 
 
@@ -207,7 +197,7 @@ def parse_state(obj: object) -> EngineState:
             block_size=int(obj["block_size"]),
             max_num_seqs=int(obj["max_num_seqs"]),
             sequences=[
-                SequenceRow(
+                SequenceView(
                     str(s["request_id"]),
                     int(s["index"]),
                     str(s["state"]),

@@ -89,10 +89,7 @@ class _EngineStatsCollector:
             ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).",
              stats.kv_cache_usage),
         )  # fmt: skip
-        for metric, doc, value in gauges:
-            family = GaugeMetricFamily(metric, doc, labels=["model_name"])
-            family.add_metric(name, value)
-            yield family
+        yield from _families(GaugeMetricFamily, gauges, name)
         counters = (
             ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
              stats.prefix_cache_queries),
@@ -102,12 +99,17 @@ class _EngineStatsCollector:
             ("vllm:prompt_tokens", "Prompt tokens processed.", stats.prompt_tokens),
             ("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens),
         )  # fmt: skip
-        for metric, doc, value in counters:
-            family = CounterMetricFamily(metric, doc, labels=["model_name"])
-            family.add_metric(name, value)
-            yield family
+        yield from _families(CounterMetricFamily, counters, name)
         if stats.spec is not None:
             yield from _spec_decode_families(stats.spec, name)
+
+
+def _families(kind, rows, name: list[str]) -> Iterator[Metric]:
+    """One single-sample family per (metric, help, value) row, labelled with the model name."""
+    for metric, doc, value in rows:
+        family = kind(metric, doc, labels=["model_name"])
+        family.add_metric(name, value)
+        yield family
 
 
 def _spec_decode_families(spec, name: list[str]) -> Iterator[Metric]:
@@ -118,10 +120,7 @@ def _spec_decode_families(spec, name: list[str]) -> Iterator[Metric]:
         ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
          spec.num_accepted_tokens),
     )  # fmt: skip
-    for metric, doc, value in counters:
-        family = CounterMetricFamily(metric, doc, labels=["model_name"])
-        family.add_metric(name, value)
-        yield family
+    yield from _families(CounterMetricFamily, counters, name)
     per_pos = CounterMetricFamily(
         "vllm:spec_decode_num_accepted_tokens_per_pos",
         "Draft tokens accepted at each draft position.",
