@@ -24,16 +24,6 @@ from nanovllm.backends.cuda import (
 from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
 from nanovllm.errors import NanovllmError
 
-
-def _has_emulator() -> bool:
-    try:
-        from nanovllm.backends.emulator import EmulatedModule  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_emulator = pytest.mark.skipif(not _has_emulator(), reason="the CUDA emulator is missing")
 NEW_TOKENS = 4
 PROMPT = prompt_ids(12)
 
@@ -142,7 +132,6 @@ def test_check_without_gpu_reports_registers_and_says_runtime_needs_a_gpu(capsys
     assert "need a CUDA GPU" in out and "--emulated" in out
 
 
-@needs_emulator
 def test_check_emulated_runs_every_kernel_and_the_tiny_model(capsys) -> None:
     parser = argparse.ArgumentParser()
     check.add_check_parser(parser.add_subparsers())
@@ -157,7 +146,6 @@ def test_check_emulated_runs_every_kernel_and_the_tiny_model(capsys) -> None:
     assert {b["arch"] for b in report["builds"]} == {"sm_80"}
 
 
-@needs_emulator
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_tiny_model_check_passes_on_the_emulator(dtype) -> None:
     result = check.model_check(CUDABackend(dtype, emulated=True), new_tokens=3)
@@ -181,7 +169,6 @@ def on_cpu():
     return get
 
 
-@needs_emulator
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_float32_greedy_tokens_match_cpu_on_emulated_cuda(
     checkpoint_factory, on_cpu, kind
@@ -193,7 +180,6 @@ def test_checkpoint_float32_greedy_tokens_match_cpu_on_emulated_cuda(
     assert model.greedy(PROMPT, NEW_TOKENS) == on_cpu(path)[1]
 
 
-@needs_emulator
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_float16_matches_cpu_up_to_near_ties(checkpoint_factory, on_cpu, kind) -> None:
     """float16 logits stay within 0.25 of the CPU's (std ~4), and greedy tokens agree until the
@@ -209,7 +195,6 @@ def test_checkpoint_float16_matches_cpu_up_to_near_ties(checkpoint_factory, on_c
     assert model.greedy(PROMPT, NEW_TOKENS)[:must_agree] == want[:must_agree]
 
 
-@needs_emulator
 def test_llm_generate_on_emulated_cuda_matches_cpu(checkpoint_factory) -> None:
     from nanovllm import LLM, SamplingParams
 

@@ -28,16 +28,6 @@ from nanovllm.engine.cuda_graphs import (
 )
 from nanovllm.engine.model_runner import ForwardItem, ModelRunner
 
-
-def _has_emulator() -> bool:
-    try:
-        from nanovllm.backends.emulator import EmulatedModule  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_emulator = pytest.mark.skipif(not _has_emulator(), reason="the CUDA emulator is missing")
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
@@ -89,7 +79,6 @@ def test_relative_error_is_infinite_for_nan_or_another_shape():
 
 
 # ---- greedy parity ----------------------------------------------------------------------------
-@needs_emulator
 def test_padded_buckets_give_the_eager_and_cpu_tokens_as_the_batch_shrinks(model_path):
     """Five sequences finishing one after another: decode batches of 5, 4, 3, 2, 1 run in
     buckets 8, 4, 4, 2, 1, with 3, 0, 1, 0, 0 padding rows."""
@@ -104,7 +93,6 @@ def test_padded_buckets_give_the_eager_and_cpu_tokens_as_the_batch_shrinks(model
     assert got == generate(make_llm(model_path, device="cpu"), prompts, max_tokens)
 
 
-@needs_emulator
 def test_a_batch_of_three_pads_to_four_and_matches_the_cpu(model_path):
     prompts = [prompt_ids(n) for n in (6, 10, 13)]
     llm = make_llm(model_path)
@@ -113,7 +101,6 @@ def test_a_batch_of_three_pads_to_four_and_matches_the_cpu(model_path):
     assert got == generate(make_llm(model_path, device="cpu"), prompts, [4, 4, 4])
 
 
-@needs_emulator
 def test_speculative_verification_stays_eager_and_plain_decodes_use_buckets(model_path):
     prompts = [prompt_ids(n) for n in (6, 10, 13)]
     spec = dict(speculative_method="ngram", num_speculative_tokens=2)
@@ -125,7 +112,6 @@ def test_speculative_verification_stays_eager_and_plain_decodes_use_buckets(mode
 
 
 # ---- padding rows -------------------------------------------------------------------------------
-@needs_emulator
 def test_padding_rows_write_nothing_into_the_kv_cache(model_path):
     runner = make_llm(model_path).engine.runner
     rng = np.random.default_rng(0)
@@ -144,7 +130,6 @@ def test_padding_rows_write_nothing_into_the_kv_cache(model_path):
     np.testing.assert_allclose(logits, runner.eager_logits(items), rtol=1e-5, atol=1e-5)
 
 
-@needs_emulator
 def test_a_smaller_batch_turns_the_rows_left_over_from_a_larger_one_into_padding(model_path):
     graphs = make_llm(model_path).engine.runner.decode_graphs
     five = [decode_item([i + 1, i + 9], 6, 20 + i) for i in range(5)]
@@ -157,7 +142,6 @@ def test_a_smaller_batch_turns_the_rows_left_over_from_a_larger_one_into_padding
     assert host.input_ids[3] == 0 and host.positions[3] == 0
 
 
-@needs_emulator
 def test_only_plain_decode_batches_take_the_bucket_path(model_path):
     graphs = make_llm(model_path, max_num_seqs=2).engine.runner.decode_graphs
     decode = decode_item([1], 2, 5)
@@ -181,7 +165,6 @@ def reversed_vocab(monkeypatch) -> None:
     monkeypatch.setattr(DecodeGraphRunner, "_replay", lambda self, b: replay(self, b)[:, ::-1])
 
 
-@needs_emulator
 def test_a_replay_that_disagrees_with_eager_warns_and_decoding_continues_eagerly(
     model_path, monkeypatch, caplog
 ):
@@ -198,14 +181,12 @@ def test_a_replay_that_disagrees_with_eager_warns_and_decoding_continues_eagerly
     assert got == want
 
 
-@needs_emulator
 def test_self_check_replays_every_bucket_and_passes(model_path):
     graphs = make_llm(model_path, max_num_seqs=3).engine.runner.decode_graphs
     assert graphs.self_check()
     assert not graphs.eager
 
 
-@needs_emulator
 def test_self_check_fails_on_a_wrong_replay_and_turns_graphs_off(model_path, monkeypatch, caplog):
     reversed_vocab(monkeypatch)
     graphs = make_llm(model_path, max_num_seqs=2).engine.runner.decode_graphs
@@ -215,7 +196,6 @@ def test_self_check_fails_on_a_wrong_replay_and_turns_graphs_off(model_path, mon
     assert not graphs.accepts([decode_item([1], 2, 5)])
 
 
-@needs_emulator
 def test_a_capture_that_fails_leaves_the_engine_decoding_eagerly(model_path, monkeypatch, caplog):
     graphs = make_llm(model_path).engine.runner.decode_graphs
 
@@ -245,7 +225,6 @@ def test_enforce_eager_must_be_a_bool():
         EngineConfig(model="m", enforce_eager="yes")
 
 
-@needs_emulator
 def test_the_cli_flag_turns_the_bucket_path_off(model_path, monkeypatch, capsys):
     from nanovllm.cli import main
 
@@ -265,7 +244,6 @@ def test_the_cli_flag_turns_the_bucket_path_off(model_path, monkeypatch, capsys)
     assert capsys.readouterr().out == with_buckets
 
 
-@needs_emulator
 def test_enforce_eager_and_the_cpu_backend_never_take_the_bucket_path(model_path):
     assert make_llm(model_path).engine.runner.decode_graphs is not None
     assert make_llm(model_path, enforce_eager=True).engine.runner.decode_graphs is None

@@ -25,11 +25,6 @@ from nanovllm.check import (
     compare,
 )
 
-try:
-    from nanovllm.backends.emulator import EmulatedModule  # noqa: F401
-except ImportError:
-    pytest.skip("the CUDA emulator is missing", allow_module_level=True)
-
 SCHEDULES = ("forward", "reverse", "random")
 
 

@@ -20,8 +20,6 @@ from nanovllm.backends.kernel_library import (
 )
 from nanovllm.backends.nvrtc_check import compile_family, parse_ptxas_log
 
-pytest.importorskip("cupy")
-
 ARCHS = ("sm_80", "sm_90")
 
 
