@@ -302,6 +302,8 @@ class Harness:
         assert stats.num_blocks == manager.num_blocks
         assert 0 <= stats.num_free_blocks <= stats.num_blocks
         assert stats.num_free_blocks == holders.count(0)
+        cached_free = sum(1 for b in manager.free if manager.blocks[b].hash is not None)
+        assert stats.num_cached_free_blocks == cached_free, "cached-free counter drifted"
 
     def drain(self, max_steps: int = 5000) -> None:
         for _ in range(max_steps):

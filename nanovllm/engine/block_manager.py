@@ -38,6 +38,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block_id
+        self._cached_free = 0  # free blocks that still hold a hashed prefix (kept, not counted)
         self._serial = 0
         self.query_tokens = 0
         self.hit_tokens = 0
@@ -52,7 +53,7 @@ class BlockManager:
 
     @property
     def num_cached_free_blocks(self) -> int:
-        return sum(1 for b in self.free if self.blocks[b].hash is not None)
+        return self._cached_free
 
     def block_states(self) -> str:
         """One character per block: u(sed), s(hared), c(ached but free), . (free)."""
@@ -109,11 +110,7 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks are freed first so that they are evicted first: prefixes live longest.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._release(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
 
@@ -121,11 +118,7 @@ class BlockManager:
         """Return the blocks beyond the first num_tokens tokens (rejected speculative slots)."""
         keep = self.blocks_needed(num_tokens)
         while len(seq.block_table) > keep:
-            block_id = seq.block_table.pop()
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._release(seq.block_table.pop())
         del seq.block_hashes[keep:]
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
@@ -146,15 +139,25 @@ class BlockManager:
                 self.cached.setdefault(h, block.block_id)
             seq.block_hashes.append(h)
 
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self.free[block_id] = None
+            self._cached_free += block.hash is not None
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free[block_id]
+            self._cached_free -= block.hash is not None
         block.ref_count += 1
 
     def _take_fresh(self) -> int:
         block_id, _ = self.free.popitem(last=False)
         block = self.blocks[block_id]
+        self._cached_free -= block.hash is not None
         if block.hash is not None and self.cached.get(block.hash) == block_id:
             del self.cached[block.hash]
         self._serial += 1
