@@ -276,3 +276,23 @@ def test_template_is_compiled_once() -> None:
     after = _compile.cache_info()
     assert after.misses - before.misses == 1
     assert after.hits - before.hits == 2
+
+
+GENERATION_TAG = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}"
+    "{{ m['content'] }}{% endgeneration %}\n{% else %}U: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
+)
+
+
+def test_generation_tag_renders_its_body_as_transformers_does(smollm2) -> None:
+    # Fine-tuned models mark assistant turns with transformers' {% generation %} tag (for
+    # training masks); transformers renders its body, so a chat request must not fail on it.
+    ours, hf = smollm2
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    expected = _expected(hf, messages, GENERATION_TAG, add_generation_prompt=True)
+    rendered = _with_template(ours, GENERATION_TAG).apply_chat_template(
+        messages, add_generation_prompt=True
+    )
+    assert rendered == expected
+    assert "A: yo" in rendered  # the tag's body is rendered, not dropped

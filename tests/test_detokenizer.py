@@ -335,3 +335,15 @@ def test_stop_strings_cut_where_a_char_by_char_reader_stops(byte_level, data, in
     expected_text, expected_stop = char_by_char_stop(full, stop, include)
     assert (detok.text, detok.matched_stop) == (expected_text, expected_stop)
     assert "".join(deltas) == expected_text
+
+
+def test_a_stop_kept_in_the_output_holds_nothing_back_while_streaming(smollm2) -> None:
+    # A stop string that stays in the text can only cut what follows it, never what was already
+    # sent, so (as in vLLM) nothing needs holding back; a dropped stop does need the holdback.
+    ids = smollm2.encode("Hello world, hello there", add_special_tokens=False)
+    stop = ["zzzzzzzzzz"]
+    _, kept_texts, kept = stream(smollm2, [], ids, stop=stop, include_stop_str_in_output=True)
+    _, _, held = stream(smollm2, [], ids, stop=stop)
+    assert all("".join(kept[: i + 1]) == kept_texts[i] for i in range(len(ids)))
+    assert "".join(held[:-1]) != kept_texts[-1]  # the dropped-stop stream still holds its tail
+    assert "".join(held) == "".join(kept) == kept_texts[-1]

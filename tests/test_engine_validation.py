@@ -19,7 +19,9 @@ def test_non_finite_numbers_are_refused(field, value):
 
 
 def test_max_model_len_beyond_the_kv_cache_is_refused_not_lowered(checkpoint_factory):
-    with pytest.raises(NanovllmError, match="max_model_len 200 exceeds the KV cache capacity of 40"):
+    with pytest.raises(
+        NanovllmError, match="max_model_len 200 exceeds the KV cache capacity of 40"
+    ):
         LLM(str(checkpoint_factory("llama3")), num_blocks=10, block_size=4, max_model_len=200)
 
 

@@ -30,13 +30,21 @@ def test_speculating_server_gives_the_plain_greedy_text(server, model):
     prompt = "one two three one two three"
     body = {"model": str(model), "prompt": prompt, "max_tokens": 12, "temperature": 0}
     reply = server.post("/v1/completions", body).json()
-    plain = LLM(str(model)).generate(prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    plain = LLM(str(model)).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False
+    )
     assert reply["choices"][0]["text"] == plain[0].outputs[0].text
 
 
 def test_spec_decode_metrics_are_exported_and_consistent(server, model):
     before = server.metrics()
-    body = {"model": str(model), "prompt": "a b c d", "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": str(model),
+        "prompt": "a b c d",
+        "max_tokens": 9,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     assert server.post("/v1/completions", body).status_code == 200
     after = server.metrics()
 

@@ -469,3 +469,12 @@ def test_top_command_does_not_load_textual_until_it_runs():
         "assert 'textual' not in sys.modules, 'textual was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_non_finite_metric_is_a_parse_error_not_a_crash():
+    # A NaN counter would poison the rates and crash the sparkline while drawing.
+    line = 'vllm:prompt_tokens_total{model_name="m"} '
+    text = canned_metrics(None).decode().replace(line + "100.0", line + "NaN")
+    assert line + "NaN" in text
+    with pytest.raises(ValueError, match="vllm:prompt_tokens_total is nan"):
+        parse_metrics(text)

@@ -93,6 +93,8 @@ def parse_metrics(text: str) -> MetricsSample:
             continue
         for s in family.samples:
             sample.model_name = sample.model_name or s.labels.get("model_name")
+            if s.name.startswith("vllm:") and not math.isfinite(s.value):
+                raise ValueError(f"{s.name} is {s.value}")
             if s.name in _SCALARS:
                 attr = _SCALARS[s.name]
                 setattr(sample, attr, getattr(sample, attr) + s.value)

@@ -76,7 +76,8 @@ class IncrementalDetokenizer:
         if finished:
             self.finish()
         end = self.buffer.length
-        if not finished and self.matched_stop is None:
+        # A stop kept in the output only cuts text after itself, never text already sent (vLLM).
+        if not finished and self.matched_stop is None and not self.include_stop_str_in_output:
             end = max(end - self.holdback, self.sent)
         delta = self.buffer.since(self.sent)[: end - self.sent]
         self.sent = end

@@ -106,6 +106,16 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """transformers' {% generation %} marks assistant text for training masks; it renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 class _Namespace(jinja2.utils.Namespace):
     """Jinja's namespace, minus underscore attributes (a way out of the sandbox otherwise)."""
 
@@ -131,7 +141,7 @@ def _check_name(name: Any) -> None:
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
