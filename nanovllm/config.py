@@ -53,6 +53,8 @@ class EngineConfig:
             )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             self._check_positive(name)
+        if self.max_num_seqs > 65535:  # paged attention puts sequences on gridDim.y
+            raise ValueError(f"max_num_seqs must be at most 65535, got {self.max_num_seqs}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -183,8 +183,17 @@ def test_a_replay_that_disagrees_with_eager_warns_and_decoding_continues_eagerly
 
 def test_self_check_replays_every_bucket_and_passes(model_path):
     graphs = make_llm(model_path, max_num_seqs=3).engine.runner.decode_graphs
+    compared = []
+    original = graphs._replay_checked
+    graphs._replay_checked = lambda bucket, batch: (
+        compared.append(bucket) or original(bucket, batch)
+    )
     assert graphs.self_check()
     assert not graphs.eager
+    assert compared == graphs.buckets
+    # Serving does not compare a bucket's first replay again: the self-check did.
+    graphs.logits([decode_item([1], 0, 5)])
+    assert compared == graphs.buckets
 
 
 def test_self_check_fails_on_a_wrong_replay_and_turns_graphs_off(model_path, monkeypatch, caplog):

@@ -166,6 +166,10 @@ class CUDABackend:
         if num_tokens == 0:
             return out
         _check_cache(k_cache, v_cache, q.dtype)
+        if k_cache.shape[3] != head_dim:
+            raise NanovllmError(
+                f"KV cache head_dim {k_cache.shape[3]} != query head_dim {head_dim}"
+            )
         if head_dim not in ATTENTION_HEAD_DIMS:
             raise NanovllmError(
                 f"head_dim {head_dim} has no paged-attention kernel; kernels/paged_attention.cu "

@@ -30,6 +30,7 @@ Each bucket's first replay is the exception: comparing it with the eager step sy
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -126,6 +127,10 @@ class DecodeGraphRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.host = DecodeBuffers.padded(max_batch, self.max_blocks, _host_empty(backend))
         self.device = self.host.map(backend.xp.array)  # a copy, padding included
+        # One logits buffer for every bucket: graphs holding their own [bucket, vocab] outputs
+        # would keep sum(buckets) rows alive (gigabytes for a large vocabulary and 256 seqs).
+        vocab = model.config.vocab_size
+        self.logits_out = backend.xp.empty((max_batch, vocab), dtype=backend.xp.float32)
         self.graphs: CapturedGraphs | None = None
         self.eager = False  # set for good when graphs fail or disagree with the eager step
         self.bucket_steps: Counter[int] = Counter()  # decode steps run per bucket
@@ -196,8 +201,11 @@ class DecodeGraphRunner:
         self._uploaded = stream.record()
 
     def _forward(self, bucket: int) -> Array:
-        """The padded step on the static device buffers: what a graph holds."""
-        return self._step(self.device, bucket)
+        """The padded step on the static device buffers, into the shared logits buffer: what a
+        graph holds."""
+        out = self.logits_out[:bucket]
+        out[...] = self._step(self.device, bucket)
+        return out
 
     def _step(self, bufs: DecodeBuffers, rows: int) -> Array:
         host = self.host  # launch geometry: one query per row, `rows` sequences
@@ -244,6 +252,7 @@ class DecodeGraphRunner:
             rows = [((7 * i + 1) % vocab, i, table) for i in range(min(bucket, self.max_model_len))]
             self._fill(bucket, rows)
             self._replay_checked(bucket, len(rows))
+            self._checked.add(bucket)  # its first replay is done: serving need not repeat it
             if self.eager:
                 return False
         return True
@@ -277,8 +286,8 @@ class CapturedGraphs:
     addresses every replay writes. Were they returned to CuPy's shared pool, later eager work
     would be handed the same memory and the next replay would overwrite it. So capture runs
     under `using_allocator(pool.malloc)`, and the pool lives as long as the graphs. The graphs
-    share it safely: they never run at once (one engine thread, one stream), and the only arrays
-    of a graph that outlive its replay are its logits, which stay allocated here.
+    share it safely: they never run at once (one engine thread, one stream), and the only array
+    that outlives a replay is the runner's logits buffer, shared by every bucket.
 
     Capture happens on a side stream (the legacy default stream cannot be captured) after one
     eager warm-up run of the same step on it: that compiles every kernel (and lets cuBLAS set up
@@ -307,8 +316,12 @@ class CapturedGraphs:
             self.stream.begin_capture()
             try:
                 logits = forward(bucket)
-            finally:  # also on failure: leave capture mode (the error then names the cause)
-                graph = self.stream.end_capture()
+            except BaseException:
+                # Leave capture mode, but report what broke the capture, not that it ended.
+                with contextlib.suppress(Exception):
+                    self.stream.end_capture()
+                raise
+            graph = self.stream.end_capture()
         return graph, logits
 
     def replay(self, bucket: int) -> Array:
