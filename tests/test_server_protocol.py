@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nanovllm.sampling_params import SamplingParams
@@ -102,3 +104,14 @@ def test_tokenize_defaults_follow_vllm():
     assert (plain.text, plain.add_special_tokens) == ("x", True)
     assert (chat.text, chat.add_special_tokens) == ("<user>hi", False)
     assert parse_detokenize({"tokens": [0, 319]}, CTX) == [0, 319]
+
+
+@pytest.mark.parametrize("logprob", [float("-inf"), float("nan"), -1e9])
+def test_logprobs_sent_as_json_are_finite(logprob):
+    # JSON has no NaN or -Infinity: the API clamps to vLLM's floor instead.
+    from nanovllm.server.responses import _clamp
+
+    assert _clamp(logprob) == -9999.0
+    assert json.loads(json.dumps({"logprob": _clamp(logprob)}, allow_nan=False)) == {
+        "logprob": -9999.0
+    }

@@ -179,4 +179,6 @@ class ResponseBuilder:
 
 
 def _clamp(logprob: float) -> float:
-    return max(float(logprob), _MIN_LOGPROB)
+    """A JSON-safe logprob: -inf (and NaN, from non-finite logits) become the floor."""
+    value = float(logprob)
+    return value if value > _MIN_LOGPROB else _MIN_LOGPROB
