@@ -1,7 +1,7 @@
 """`nanovllm check`: are the CUDA kernels sound here? Also the engine's start-up self-check.
 
 On a GPU: compile every kernel with NVRTC for the device (registers and spills from ptxas), run
-each against the NumPy reference (nanovllm/backends/cpu.py) on random inputs in float32,
+each against the NumPy reference (nanovllm/backends/cpu_reference.py) on random inputs in float32,
 float16 and bfloat16, and run a tiny random model greedily on the GPU and on the CPU. Without
 a GPU: compile for sm_80 and sm_90 and say that the runtime checks need a GPU, or run them on
 the CPU emulator with --emulated.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata
-from nanovllm.backends.cpu import CPUBackend
+from nanovllm.backends.cpu_reference import ReferenceBackend
 from nanovllm.backends.cuda import CUDABackend, from_storage, to_storage
 from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS, sources_digest
 from nanovllm.errors import NanovllmError
@@ -60,7 +60,7 @@ def case_rms_norm(backend, dtype, rng, tokens=5, hidden=96, residual=False) -> R
     weight = _random(rng, (hidden,), dtype) * 0.5 + 1.0
     weight = from_storage(to_storage(weight, dtype))
     res = _random(rng, (tokens, hidden), dtype) if residual else None
-    ref = CPUBackend().rms_norm(x, weight, 1e-5, res)
+    ref = ReferenceBackend().rms_norm(x, weight, 1e-5, res)
     dev_res = _device(backend, res, dtype) if residual else None
     out = backend.rms_norm(
         _device(backend, x, dtype), _device(backend, weight, dtype), 1e-5, dev_res
@@ -89,7 +89,7 @@ def case_head_norm(backend, dtype, rng, tokens=3, heads=4, kv_heads=2, head_dim=
     q_ref, _, _ = _views(qkv, heads, kv_heads, head_dim)
     q_dev, _, _ = _views(_device(backend, qkv, dtype), heads, kv_heads, head_dim)
     out, _ = backend.rms_norm(q_dev, _device(backend, weight, dtype), 1e-6)
-    return [_host(backend, out)], [CPUBackend().rms_norm(q_ref, weight, 1e-6)[0]]
+    return [_host(backend, out)], [ReferenceBackend().rms_norm(q_ref, weight, 1e-6)[0]]
 
 
 def case_rotary(backend, dtype, rng, tokens=5, heads=4, kv_heads=2, head_dim=32) -> Results:
@@ -101,14 +101,14 @@ def case_rotary(backend, dtype, rng, tokens=5, heads=4, kv_heads=2, head_dim=32)
     q_ref, k_ref, _ = _views(qkv, heads, kv_heads, head_dim)
     q_dev, k_dev, _ = _views(_device(backend, qkv, dtype), heads, kv_heads, head_dim)
     out = backend.rotary(q_dev, k_dev, backend.asarray(positions), backend.asarray(table))
-    ref = CPUBackend().rotary(q_ref, k_ref, positions, table)
+    ref = ReferenceBackend().rotary(q_ref, k_ref, positions, table)
     return [_host(backend, a) for a in out], list(ref)
 
 
 def case_silu_and_mul(backend, dtype, rng, tokens=5, width=80) -> Results:
     x = _random(rng, (tokens, 2 * width), dtype, scale=3.0)
     out = backend.silu_and_mul(_device(backend, x, dtype))
-    return [_host(backend, out)], [CPUBackend().silu_and_mul(x)]
+    return [_host(backend, out)], [ReferenceBackend().silu_and_mul(x)]
 
 
 def case_write_kv(
@@ -122,7 +122,7 @@ def case_write_kv(
     _, k_dev, v_dev = _views(_device(backend, qkv, dtype), kv_heads, kv_heads, head_dim)
     dev_caches = [_device(backend, c, dtype) for c in caches]
     backend.write_kv(k_dev, v_dev, *dev_caches, backend.asarray(slots))
-    CPUBackend().write_kv(k_ref, v_ref, *caches, slots)
+    ReferenceBackend().write_kv(k_ref, v_ref, *caches, slots)
     return [_host(backend, c) for c in dev_caches], caches
 
 
@@ -173,7 +173,7 @@ def case_paged_attention(
     k_cache, v_cache = _random(rng, shape, dtype), _random(rng, shape, dtype)
     scale = 1.0 / np.sqrt(head_dim)
     # The reference reads only the host copies of the metadata.
-    ref = CPUBackend().paged_attention(q, k_cache, v_cache, meta, scale)
+    ref = ReferenceBackend().paged_attention(q, k_cache, v_cache, meta, scale)
     out = backend.paged_attention(
         _device(backend, q, dtype),
         _device(backend, k_cache, dtype),
@@ -296,7 +296,7 @@ def model_check(backend: CUDABackend, new_tokens: int = 8, seed: int = 0) -> Che
     name = f"tiny model greedy {backend.dtype.name}"
     try:
         device = LoadedModel(checkpoint, backend, 64)
-        cpu = LoadedModel(checkpoint, CPUBackend(), 64)
+        cpu = LoadedModel(checkpoint, ReferenceBackend(), 64)
         logits_error = float(np.abs(device.logits(prompt) - cpu.logits(prompt)).max())
         got, want = device.greedy(prompt, new_tokens), cpu.greedy(prompt, new_tokens)
         must_agree = decisive_prefix(greedy_margins(cpu, prompt, want), logits_error)

@@ -1,7 +1,10 @@
 """The Llama family written once against the op seam; Mistral, Qwen2 and Qwen3 differ only in flags.
 
 Weights are held fused: q/k/v as one [(Hq + 2 Hkv) * D, H] matrix and gate/up as one [2F, H]
-matrix, so each layer makes three matmuls instead of six.
+matrix, so each layer makes three matmuls instead of six. Matrices reach the model as the loader
+read them (float arrays, or `QuantizedTensor`s still in the file's form) and the backend prepares
+each one (`backend.weight`): dequantized on the reference backend, kept quantized by the CPU
+kernels.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from nanovllm.backends.base import Array, AttentionMetadata, Backend
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.quantized import stack_rows
 from nanovllm.models.rope import rope_cos_sin
 
 KVCache = tuple[Array, Array]
@@ -142,20 +146,23 @@ class LlamaForCausalLM:
         attn = "self_attn."
 
         def fuse(*keys: str) -> Array:
+            return self._matrix(stack_rows([t[key] for key in keys]))
+
+        def fuse_bias(*keys: str) -> Array:
             return self._param(np.concatenate([t[key] for key in keys]))
 
         return DecoderLayer(
             input_norm=self._param(t["input_layernorm.weight"]),
             qkv=fuse(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-            qkv_bias=fuse(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
+            qkv_bias=fuse_bias(attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
             if self.use_qkv_bias
             else None,
             q_norm=self._param(t[attn + "q_norm.weight"]) if self.use_qk_norm else None,
             k_norm=self._param(t[attn + "k_norm.weight"]) if self.use_qk_norm else None,
-            o_proj=self._param(t[attn + "o_proj.weight"]),
+            o_proj=self._matrix(t[attn + "o_proj.weight"]),
             post_norm=self._param(t["post_attention_layernorm.weight"]),
             gate_up=fuse("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-            down=self._param(t["mlp.down_proj.weight"]),
+            down=self._matrix(t["mlp.down_proj.weight"]),
         )
 
     def _finish(self, done, pending, top) -> None:
@@ -173,17 +180,22 @@ class LlamaForCausalLM:
                 f"model.embed_tokens.weight has shape {embed.shape}, expected "
                 f"({self.config.vocab_size}, {self.config.hidden_size})"
             )
-        self.embed_tokens = self._param(embed)
+        self.embed_tokens = self._matrix(embed)
         self.norm = self._param(top["model.norm.weight"])
         if "lm_head.weight" in top and not self.config.tie_word_embeddings:
-            self.lm_head = self._param(top["lm_head.weight"])
+            self.lm_head = self._matrix(top["lm_head.weight"])
         elif self.config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
             raise ModelLoadError("checkpoint is missing lm_head.weight and does not tie embeddings")
 
     def _param(self, tensor: np.ndarray) -> Array:
+        """A vector (norm weight, bias) in the backend's compute dtype."""
         return self.backend.asarray(np.asarray(tensor), self.backend.dtype)
+
+    def _matrix(self, tensor) -> Array:
+        """A weight matrix as the backend runs it (float array or stored form, see quantized.py)."""
+        return self.backend.weight(tensor)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
