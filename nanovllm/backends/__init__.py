@@ -37,6 +37,10 @@ def get_backend(
             raise NanovllmError(
                 f"the {device} backend computes in float32; --dtype {dtype} needs --device cuda"
             )
+        if device == "cpu":
+            from nanovllm.backends.cpu import CPUBackend
+
+            return CPUBackend(num_threads)
         from nanovllm.backends.cpu_reference import ReferenceBackend
 
         return ReferenceBackend(np.float32)

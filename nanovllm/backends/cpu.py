@@ -1,0 +1,173 @@
+"""The `cpu` backend: compiled kernels (numba) on weights kept as their file stores them.
+
+Two tiers share the op seam: `cpu-reference` (nanovllm/backends/cpu_reference.py) states every op
+in NumPy and dequantizes weights to float32; this backend keeps GGUF blocks and 16-bit matrices
+as they are (memory ~ the file) and runs them through nanovllm/backends/cpu_quant.py, and the rest
+of the step through nanovllm/backends/cpu_ops.py. Tests check each kernel against the reference.
+
+Matmuls pick their path by batch rows: up to MAX_KERNEL_ROWS rows (decode) the quantized kernel
+reads each weight byte once per step; above (prefill), tiles of weight rows are dequantized into
+a reused float32 buffer and multiplied with BLAS, whose cost the many rows amortize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanovllm.backends import cpu_ops
+from nanovllm.backends.base import AttentionMetadata
+from nanovllm.backends.cpu_jit import ThreadControl
+from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format
+from nanovllm.backends.cpu_reference import ReferenceBackend
+from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
+
+MAX_KERNEL_ROWS = 16  # batch rows up to which the quantized kernel beats dequantize + BLAS
+TILE_VALUES = 1 << 22  # float32 values of the dequantized tile (16 MB)
+CHUNKS_PER_THREAD = 4  # weight-row chunks per thread: balance without tiny chunks
+
+
+@dataclass(frozen=True, slots=True)
+class Matrix:
+    """One stored matrix ready for its kernels: the format's kernels and the data they take."""
+
+    format: Format
+    data: np.ndarray  # uint8 / uint16 / float32 rows, as the format's kernels read them
+    shape: tuple[int, int]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CPUWeight:
+    """A prepared weight: its parts (one, or several of different types for a fused weight of
+    mixed types) and the first output column of each."""
+
+    parts: tuple[Matrix, ...]
+    columns: tuple[int, ...]
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+class CPUBackend(ReferenceBackend):
+    name = "cpu"
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        super().__init__(np.float32)
+        self.threads = ThreadControl(num_threads)
+        self._tile: np.ndarray | None = None
+
+    # ---- weights -----------------------------------------------------------------------------
+    def weight(self, tensor: np.ndarray | Weight) -> CPUWeight:
+        parts = tensor.parts if isinstance(tensor, FusedWeight) else (tensor,)
+        matrices = tuple(_matrix(part) for part in parts)
+        columns = tuple(np.cumsum([0] + [m.shape[0] for m in matrices[:-1]]).tolist())
+        rows = sum(m.shape[0] for m in matrices)
+        return CPUWeight(matrices, columns, (rows, matrices[0].shape[1]))
+
+    def embedding(self, ids: np.ndarray, weight: CPUWeight) -> np.ndarray:
+        self.threads.apply()
+        out = np.empty((len(ids), weight.shape[1]), dtype=np.float32)
+        ids = np.asarray(ids)
+        for part, first in zip(weight.parts, weight.columns, strict=True):
+            mine = (ids >= first) & (ids < first + part.shape[0])
+            out[mine] = _dequantize(part, part.data[ids[mine] - first])
+        return out
+
+    # ---- ops ---------------------------------------------------------------------------------
+    def linear(
+        self, x: np.ndarray, weight: CPUWeight, bias: np.ndarray | None = None
+    ) -> np.ndarray:
+        self.threads.apply()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        for part, column in zip(weight.parts, weight.columns, strict=True):
+            if x.shape[0] <= MAX_KERNEL_ROWS:
+                chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
+                part.format.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
+            else:
+                self._tiled_matmul(part, x, out, column)
+        if bias is not None:
+            out += bias
+        return out
+
+    def rms_norm(self, x, weight, eps: float, residual=None):
+        shape = x.shape
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, shape[-1])
+        out = np.empty_like(rows)
+        if residual is None:
+            cpu_ops.rms_norm(out, rows, weight, np.float32(eps))
+            return out.reshape(shape), x
+        summed = np.empty_like(rows)
+        residual = np.ascontiguousarray(residual, dtype=np.float32).reshape(rows.shape)
+        cpu_ops.add_rms_norm(out, summed, rows, residual, weight, np.float32(eps))
+        return out.reshape(shape), summed.reshape(shape)
+
+    def rotary(self, q, k, positions, cos_sin):
+        q_out = np.empty(q.shape, dtype=np.float32)
+        k_out = np.empty(k.shape, dtype=np.float32)
+        positions = np.asarray(positions, dtype=np.int64)
+        cpu_ops.rotary(q_out, q, positions, cos_sin)
+        cpu_ops.rotary(k_out, k, positions, cos_sin)
+        return q_out, k_out
+
+    def silu_and_mul(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=np.float32)
+        cpu_ops.silu_and_mul(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return out
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        slots = np.asarray(slot_mapping, dtype=np.int64)
+        cpu_ops.write_kv(k_cache, v_cache, k, v, slots)
+
+    def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        self.threads.apply()
+        out = np.empty(q.shape, dtype=np.float32)
+        cpu_ops.paged_attention(
+            out,
+            q,
+            k_cache,
+            v_cache,
+            np.asarray(meta.block_tables_host, dtype=np.int32),
+            np.asarray(meta.query_start_host, dtype=np.int32),
+            np.asarray(meta.context_lens_host, dtype=np.int32),
+            np.float32(scale),
+        )
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _tiled_matmul(self, part: Matrix, x: np.ndarray, out: np.ndarray, column: int) -> None:
+        rows, cols = part.shape
+        if part.format.dequantize is None:  # float32 rows: BLAS reads them directly
+            out[:, column : column + rows] = x @ part.data.T
+            return
+        step = max(1, TILE_VALUES // cols)
+        if self._tile is None or self._tile.size < min(rows, step) * cols:
+            self._tile = np.empty(TILE_VALUES + cols, dtype=np.float32)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            tile = self._tile[: (stop - start) * cols].reshape(stop - start, cols)
+            part.format.dequantize(part.data[start:stop], tile, HALF_BLOCK)
+            np.matmul(x, tile.T, out=out[:, column + start : column + stop])
+
+
+def _matrix(tensor: np.ndarray | QuantizedTensor) -> Matrix:
+    if isinstance(tensor, np.ndarray):
+        tensor = QuantizedTensor.from_array(np.asarray(tensor, dtype=np.float32))
+    if tensor.qtype not in FORMATS:  # no kernel for it (Q2_K, Q3_K): float32 rows instead
+        tensor = QuantizedTensor.from_array(tensor.dequantize())
+    fmt = FORMATS[tensor.qtype]
+    data = fmt.view(np.ascontiguousarray(tensor.data))
+    return Matrix(fmt, data, tensor.shape, tensor.nbytes)
+
+
+def _dequantize(part: Matrix, rows: np.ndarray) -> np.ndarray:
+    if part.format.dequantize is None:
+        return rows
+    out = np.empty((len(rows), part.shape[1]), dtype=np.float32)
+    part.format.dequantize(rows, out, HALF_BLOCK)
+    return out

@@ -1,0 +1,415 @@
+"""Compiled CPU kernels on weights as their file stores them: GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1, Q4_K, Q5_K, Q6_K) and F16 / BF16 / F32 rows.
+
+Each format has one row decoder, `_row_<format>(row, w, h)`: the row's blocks -> float32 values
+in w, rounding exactly like the `gguf` package (no fused multiply-add; tests check bit for bit).
+Two kernels per format are built on it:
+
+- `matmul_<format>(data, x, out, col0, chunks, h)`: out[:, col0 + n] = x @ row n, for the few rows of
+  x of a decode step. Threads take chunks of weight rows; each row is decoded once into a
+  buffer in L1 and multiplied with every row of x, so each weight byte is read from memory once
+  per step whatever the batch.
+- `dequantize_<format>(data, out, h)`: rows -> float32, for embeddings and for large batches
+  (prefill), which multiply tiles of dequantized rows with BLAS (see cpu.py).
+
+`h` is always HALF_BLOCK (16), passed in at run time on purpose (a module constant would be
+folded in): with a compile-time trip count LLVM unrolls the 16- and 32-value inner loops and then
+vectorizes across blocks with gathers, 10-20x slower (measured). Inner loops run `min(h, 16)` (or
+twice that) times: a run-time count that LLVM knows is small, so it vectorizes them as loops with
+vectors that fit (a plain run-time count gets 32-wide vector code that 16 iterations never enter:
+2.3x slower, measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+from numba import prange
+
+from nanovllm.backends.cpu_jit import f16_bits_to_f32, inline, kernel, u32_bits_to_f32
+
+Q = gguf.GGMLQuantizationType
+F32 = np.float32
+U8 = np.uint8
+U16 = np.uint16
+IX = np.uint64  # an index numba need not check for negative values
+HALF_BLOCK = 16  # the `h` every kernel takes
+
+
+# ---- shared pieces --------------------------------------------------------------------------
+@inline(exact=True)
+def _half(row, offset):
+    """The IEEE half stored little-endian at row[offset:offset + 2], as float32."""
+    return f16_bits_to_f32(U16(U16(row[offset]) | U16(U16(row[offset + 1]) << U16(8))))
+
+
+@inline(exact=True)
+def _u32(row, offset):
+    return (
+        np.uint32(row[offset])
+        | np.uint32(row[offset + 1]) << np.uint32(8)
+        | np.uint32(row[offset + 2]) << np.uint32(16)
+        | np.uint32(row[offset + 3]) << np.uint32(24)
+    )
+
+
+@inline(exact=True)
+def _k_scale_min(row, offset, j):
+    """6-bit scale and min of sub-block j of a Q4_K / Q5_K block (12 packed bytes at offset)."""
+    if j < 4:
+        return np.int32(row[offset + j] & U8(63)), np.int32(row[offset + j + 4] & U8(63))
+    scale = (row[offset + j + 4] & U8(15)) | ((row[offset + j - 4] >> U8(6)) << U8(4))
+    low = (row[offset + j + 4] >> U8(4)) | ((row[offset + j] >> U8(6)) << U8(4))
+    return np.int32(scale), np.int32(low)
+
+
+@inline()
+def _dot_rows(w, x, out, col):
+    """out[m, col] = w . x[m] for every row of x; four rows share each load of w."""
+    rows, width = x.shape
+    m = 0
+    while m + 4 <= rows:
+        x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
+        s0 = s1 = s2 = s3 = F32(0)
+        for k in range(width):
+            wk = w[k]
+            s0 += wk * x0[k]
+            s1 += wk * x1[k]
+            s2 += wk * x2[k]
+            s3 += wk * x3[k]
+        out[m, col], out[m + 1, col], out[m + 2, col], out[m + 3, col] = s0, s1, s2, s3
+        m += 4
+    while m < rows:
+        xm = x[m]
+        s = F32(0)
+        for k in range(width):
+            s += w[k] * xm[k]
+        out[m, col] = s
+        m += 1
+
+
+# ---- row decoders, one per format (layouts: ggml-common.h) ----------------------------------
+# Indexes are cast to unsigned (IX) in inner loops: a signed index makes numba handle negative
+# indexes, a select per access that stops LLVM from vectorizing the loop (6-9x slower, measured).
+# Where a block byte feeds two output runs (low and high nibbles), two loops each write one
+# contiguous run: one loop writing both was 1.5x slower.
+
+
+@inline(exact=True)
+def _row_q8_0(row, w, h):  # 34 bytes: half d; int8 q[32]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 32):
+        o, base = b * 34, b * 32
+        d = _half(row, o)
+        for j in range(2 * n):
+            w[IX(base + j)] = F32(np.int8(row[IX(o + 2 + j)])) * d
+
+
+@inline(exact=True)
+def _row_q4_0(row, w, h):  # 18 bytes: half d; uint8 qs[16] (low nibbles: values 0-15)
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 32):
+        o, base = b * 18, b * 32
+        d = _half(row, o)
+        for j in range(n):
+            w[IX(base + j)] = d * F32(np.int32(row[IX(o + 2 + j)] & U8(15)) - 8)
+        for j in range(n):
+            w[IX(base + 16 + j)] = d * F32(np.int32(row[IX(o + 2 + j)] >> U8(4)) - 8)
+
+
+@inline(exact=True)
+def _row_q4_1(row, w, h):  # 20 bytes: half d; half m; uint8 qs[16]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 32):
+        o, base = b * 20, b * 32
+        d, m = _half(row, o), _half(row, o + 2)
+        for j in range(n):
+            w[IX(base + j)] = d * F32(row[IX(o + 4 + j)] & U8(15)) + m
+        for j in range(n):
+            w[IX(base + 16 + j)] = d * F32(row[IX(o + 4 + j)] >> U8(4)) + m
+
+
+@inline(exact=True)
+def _q5_value(row, qs, qh, j, high):
+    """Value j (0-15) of a Q5 block's low (high=0) or high (high=1) half: nibble | fifth bit."""
+    nibble = (np.int32(row[IX(qs + j)]) >> (4 * high)) & 15
+    return nibble | np.int32((qh >> np.uint32(j + 16 * high)) & np.uint32(1)) << 4
+
+
+@inline(exact=True)
+def _row_q5_0(row, w, h):  # 22 bytes: half d; uint32 qh (fifth bits); uint8 qs[16]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 32):
+        o, base = b * 22, b * 32
+        d, qh = _half(row, o), _u32(row, o + 2)
+        for j in range(n):
+            w[IX(base + j)] = d * F32(_q5_value(row, o + 6, qh, j, 0) - 16)
+        for j in range(n):
+            w[IX(base + 16 + j)] = d * F32(_q5_value(row, o + 6, qh, j, 1) - 16)
+
+
+@inline(exact=True)
+def _row_q5_1(row, w, h):  # 24 bytes: half d; half m; uint32 qh; uint8 qs[16]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 32):
+        o, base = b * 24, b * 32
+        d, m, qh = _half(row, o), _half(row, o + 2), _u32(row, o + 4)
+        for j in range(n):
+            w[IX(base + j)] = d * F32(_q5_value(row, o + 8, qh, j, 0)) + m
+        for j in range(n):
+            w[IX(base + 16 + j)] = d * F32(_q5_value(row, o + 8, qh, j, 1)) + m
+
+
+@inline(exact=True)
+def _row_q4_k(row, w, h):  # 144 bytes: half d, dmin; uint8 scales[12]; uint8 qs[128]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 256):
+        o, base = b * 144, b * 256
+        d, dmin = _half(row, o), _half(row, o + 2)
+        for chunk in range(4):  # 64 values: low nibbles of 32 bytes, then their high nibbles
+            sc0, mn0 = _k_scale_min(row, o + 4, 2 * chunk)
+            sc1, mn1 = _k_scale_min(row, o + 4, 2 * chunk + 1)
+            d0, m0, d1, m1 = d * F32(sc0), dmin * F32(mn0), d * F32(sc1), dmin * F32(mn1)
+            qs, out = o + 16 + 32 * chunk, base + 64 * chunk
+            for j in range(2 * n):
+                w[IX(out + j)] = d0 * F32(row[IX(qs + j)] & U8(15)) - m0
+            for j in range(2 * n):
+                w[IX(out + 32 + j)] = d1 * F32(row[IX(qs + j)] >> U8(4)) - m1
+
+
+@inline(exact=True)
+def _q5_k_value(row, qs, qh, j, bit, high):
+    nibble = (np.int32(row[IX(qs + j)]) >> (4 * high)) & 15
+    return nibble | ((np.int32(row[IX(qh + j)]) >> bit) & 1) << 4
+
+
+@inline(exact=True)
+def _row_q5_k(row, w, h):  # 176 bytes: half d, dmin; scales[12]; uint8 qh[32]; uint8 qs[128]
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 256):
+        o, base = b * 176, b * 256
+        d, dmin = _half(row, o), _half(row, o + 2)
+        for chunk in range(4):
+            sc0, mn0 = _k_scale_min(row, o + 4, 2 * chunk)
+            sc1, mn1 = _k_scale_min(row, o + 4, 2 * chunk + 1)
+            d0, m0, d1, m1 = d * F32(sc0), dmin * F32(mn0), d * F32(sc1), dmin * F32(mn1)
+            qs, out = o + 48 + 32 * chunk, base + 64 * chunk
+            for j in range(2 * n):
+                w[IX(out + j)] = d0 * F32(_q5_k_value(row, qs, o + 16, j, 2 * chunk, 0)) - m0
+            for j in range(2 * n):
+                w[IX(out + 32 + j)] = (
+                    d1 * F32(_q5_k_value(row, qs, o + 16, j, 2 * chunk + 1, 1)) - m1
+                )
+
+
+@inline(exact=True)
+def _row_q6_k(row, w, h):  # 210 bytes: uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d
+    n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
+    for b in range(w.size // 256):
+        o, base = b * 210, b * 256
+        d = _half(row, o + 208)
+        for group in range(8):  # 32 values: 4 bits from ql, 2 from qh; a scale per 16
+            half, quarter = group >> 2, group & 3
+            ql = o + 64 * half + 32 * (quarter & 1)
+            qh = o + 128 + 32 * half
+            nibble_shift, high_shift = 4 * (quarter >> 1), 2 * quarter
+            for sub in range(2):
+                scale = d * F32(np.int8(row[o + 192 + 2 * group + sub]))
+                out = base + 32 * group + 16 * sub
+                for j in range(n):
+                    lq = (np.int32(row[IX(ql + 16 * sub + j)]) >> nibble_shift) & 15
+                    hq = (np.int32(row[IX(qh + 16 * sub + j)]) >> high_shift) & 3
+                    w[IX(out + j)] = scale * F32((lq | hq << 4) - 32)
+
+
+@inline(exact=True)
+def _row_f16(row, w, h):  # uint16 halves
+    for k in range(w.size):
+        w[k] = f16_bits_to_f32(row[k])
+
+
+@inline(exact=True)
+def _row_bf16(row, w, h):  # uint16: the top half of a float32
+    for k in range(w.size):
+        w[k] = u32_bits_to_f32(np.uint32(np.uint32(row[k]) << np.uint32(16)))
+
+
+@inline(exact=True)
+def _row_f32(row, w, h):
+    for k in range(w.size):
+        w[k] = row[k]
+
+
+# ---- kernels: the same two per format -------------------------------------------------------
+@inline()
+def _matmul_chunk(row_fn, data, x, out, col0, chunks, h, chunk):
+    rows = data.shape[0]
+    per = -(-rows // chunks)
+    w = np.empty(x.shape[1], np.float32)
+    for n in range(chunk * per, min(rows, (chunk + 1) * per)):
+        row_fn(data[n], w, h)
+        _dot_rows(w, x, out, col0 + n)
+
+
+@kernel(parallel=True)
+def matmul_q8_0(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q8_0, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q4_0(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q4_0, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q4_1(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q4_1, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q5_0(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q5_0, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q5_1(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q5_1, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q4_k(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q4_k, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q5_k(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q5_k, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q6_k(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_q6_k, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_f16(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_f16, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_bf16(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_bf16, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True)
+def matmul_f32(data, x, out, col0, chunks, h):
+    for chunk in prange(chunks):
+        _matmul_chunk(_row_f32, data, x, out, col0, chunks, h, chunk)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q8_0(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q8_0(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q4_0(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q4_0(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q4_1(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q4_1(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q5_0(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q5_0(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q5_1(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q5_1(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q4_k(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q4_k(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q5_k(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q5_k(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_q6_k(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_q6_k(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_f16(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_f16(data[n], out[n], h)
+
+
+@kernel(parallel=True, exact=True)
+def dequantize_bf16(data, out, h):
+    for n in prange(data.shape[0]):
+        _row_bf16(data[n], out[n], h)
+
+
+# ---- the table the backend dispatches on -----------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Format:
+    matmul: Any
+    dequantize: Any | None  # None: F32 rows are their own float32 values
+    view: Any  # uint8 [rows, row_bytes] -> the array the kernels take
+
+
+def _bytes(data: np.ndarray) -> np.ndarray:
+    return data
+
+
+def _halves(data: np.ndarray) -> np.ndarray:
+    return data.view(np.uint16)
+
+
+def _floats(data: np.ndarray) -> np.ndarray:
+    return data.view(np.float32)
+
+
+FORMATS: dict[Q, Format] = {
+    Q.Q8_0: Format(matmul_q8_0, dequantize_q8_0, _bytes),
+    Q.Q4_0: Format(matmul_q4_0, dequantize_q4_0, _bytes),
+    Q.Q4_1: Format(matmul_q4_1, dequantize_q4_1, _bytes),
+    Q.Q5_0: Format(matmul_q5_0, dequantize_q5_0, _bytes),
+    Q.Q5_1: Format(matmul_q5_1, dequantize_q5_1, _bytes),
+    Q.Q4_K: Format(matmul_q4_k, dequantize_q4_k, _bytes),
+    Q.Q5_K: Format(matmul_q5_k, dequantize_q5_k, _bytes),
+    Q.Q6_K: Format(matmul_q6_k, dequantize_q6_k, _bytes),
+    Q.F16: Format(matmul_f16, dequantize_f16, _halves),
+    Q.BF16: Format(matmul_bf16, dequantize_bf16, _halves),
+    Q.F32: Format(matmul_f32, None, _floats),
+}
