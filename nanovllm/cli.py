@@ -25,7 +25,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tokenizer", default=None, help="folder with tokenizer.json (default: the model's)"
     )
-    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="cuda when a GPU is usable, else cpu (compiled kernels on the file's weights); "
+        "cpu-reference is the NumPy reference",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads of the cpu backend's kernels and of BLAS (default: one per core)",
+    )
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument(
@@ -65,6 +77,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--prompt-lookup-max", type=int, default=4)  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _blocks(text: str) -> int | str:
     if text == "auto":
         return text
@@ -81,6 +103,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         tokenizer=args.tokenizer,
         device=args.device,
+        num_threads=args.threads,
         dtype=args.dtype,
         block_size=args.block_size,
         num_blocks=args.num_blocks,

@@ -108,3 +108,24 @@ def test_a_flag_value_of_the_wrong_type_is_a_usage_error_not_a_traceback(model):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--max-tokens" in result.stderr.strip().splitlines()[-1]
+
+
+def test_threads_must_be_a_positive_count(model):
+    result = run_cli("generate", "--model", model, "--prompt", "hi", "--threads", "0")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--threads" in result.stderr.strip().splitlines()[-1]
+
+
+def test_threads_reach_the_engine_config():
+    import argparse
+
+    from nanovllm.cli import add_engine_args, engine_config
+    from nanovllm.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config(parser.parse_args(["--threads", "3"])).num_threads == 3
+    assert engine_config(parser.parse_args([])).num_threads is None
+    with pytest.raises(ValueError, match="num_threads"):
+        EngineConfig(model="m", num_threads=0)

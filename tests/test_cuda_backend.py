@@ -195,16 +195,16 @@ def test_checkpoint_float16_matches_cpu_up_to_near_ties(checkpoint_factory, on_c
     assert model.greedy(PROMPT, NEW_TOKENS)[:must_agree] == want[:must_agree]
 
 
-def test_llm_generate_on_emulated_cuda_matches_cpu(checkpoint_factory) -> None:
+def test_llm_generate_on_emulated_cuda_matches_the_cpu_reference(checkpoint_factory) -> None:
     from nanovllm import LLM, SamplingParams
 
     path = str(checkpoint_factory("llama3"))
     prompts = [prompt_ids(9), prompt_ids(16)]  # two lengths: one batch mixes prefill and decode
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     outputs = {}
-    for device in ("cpu", "cuda-emulated"):
+    for device in ("cpu-reference", "cuda-emulated"):
         llm = LLM(path, device=device, num_blocks=16, block_size=4)
         outputs[device] = [
             o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
         ]
-    assert outputs["cuda-emulated"] == outputs["cpu"]
+    assert outputs["cuda-emulated"] == outputs["cpu-reference"]

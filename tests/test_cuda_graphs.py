@@ -90,7 +90,7 @@ def test_padded_buckets_give_the_eager_and_cpu_tokens_as_the_batch_shrinks(model
     assert dict(graphs.bucket_steps) == {8: 1, 4: 2, 2: 1, 1: 1}
     assert not graphs.eager
     assert got == generate(make_llm(model_path, enforce_eager=True), prompts, max_tokens)
-    assert got == generate(make_llm(model_path, device="cpu"), prompts, max_tokens)
+    assert got == generate(make_llm(model_path, device="cpu-reference"), prompts, max_tokens)
 
 
 def test_a_batch_of_three_pads_to_four_and_matches_the_cpu(model_path):
@@ -98,7 +98,7 @@ def test_a_batch_of_three_pads_to_four_and_matches_the_cpu(model_path):
     llm = make_llm(model_path)
     got = generate(llm, prompts, [4, 4, 4])
     assert dict(llm.engine.runner.decode_graphs.bucket_steps) == {4: 3}
-    assert got == generate(make_llm(model_path, device="cpu"), prompts, [4, 4, 4])
+    assert got == generate(make_llm(model_path, device="cpu-reference"), prompts, [4, 4, 4])
 
 
 def test_speculative_verification_stays_eager_and_plain_decodes_use_buckets(model_path):
@@ -108,7 +108,7 @@ def test_speculative_verification_stays_eager_and_plain_decodes_use_buckets(mode
     got = generate(llm, prompts, [8, 8, 8])
     assert llm.engine.stats().spec.num_drafts > 0  # verification steps ran (eagerly)
     assert sum(llm.engine.runner.decode_graphs.bucket_steps.values()) > 0
-    assert got == generate(make_llm(model_path, device="cpu", **spec), prompts, [8, 8, 8])
+    assert got == generate(make_llm(model_path, device="cpu-reference", **spec), prompts, [8, 8, 8])
 
 
 # ---- padding rows -------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_a_replay_that_disagrees_with_eager_warns_and_decoding_continues_eagerly
     model_path, monkeypatch, caplog
 ):
     prompts = [prompt_ids(n) for n in (6, 10, 13)]
-    want = generate(make_llm(model_path, device="cpu"), prompts, [4, 4, 4])
+    want = generate(make_llm(model_path, device="cpu-reference"), prompts, [4, 4, 4])
     reversed_vocab(monkeypatch)
     llm = make_llm(model_path)
     with caplog.at_level(logging.WARNING, logger="nanovllm.engine"):

@@ -87,7 +87,9 @@ def loaded(checkpoint_factory):
 
     def get(kind: str):
         if kind not in models:
-            models[kind] = load_model(str(checkpoint_factory(kind)), device="cpu", dtype="float32")
+            models[kind] = load_model(
+                str(checkpoint_factory(kind)), device="cpu-reference", dtype="float32"
+            )
         return models[kind]
 
     return get

@@ -20,12 +20,13 @@ from nanovllm.backends import cpu_ops
 from nanovllm.backends.base import AttentionMetadata
 from nanovllm.backends.cpu_jit import ThreadControl
 from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format
-from nanovllm.backends.cpu_reference import ReferenceBackend
+from nanovllm.backends.cpu_reference import ReferenceBackend, prefill_attention
 from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
 
 MAX_KERNEL_ROWS = 16  # batch rows up to which the quantized kernel beats dequantize + BLAS
 TILE_VALUES = 1 << 22  # float32 values of the dequantized tile (16 MB)
 CHUNKS_PER_THREAD = 4  # weight-row chunks per thread: balance without tiny chunks
+MAX_KERNEL_QUERIES = 16  # query tokens of one sequence up to which the attention kernel runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,18 +126,26 @@ class CPUBackend(ReferenceBackend):
         cpu_ops.write_kv(k_cache, v_cache, k, v, slots)
 
     def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        """Decodes and short query runs (speculative verification) through the kernel, which
+        reads K/V in place; long prefill runs through the reference's BLAS matmuls, which beat
+        the kernel's per-query dot products there (docs/benchmarks.md)."""
         self.threads.apply()
         out = np.empty(q.shape, dtype=np.float32)
-        cpu_ops.paged_attention(
-            out,
-            q,
-            k_cache,
-            v_cache,
-            np.asarray(meta.block_tables_host, dtype=np.int32),
-            np.asarray(meta.query_start_host, dtype=np.int32),
-            np.asarray(meta.context_lens_host, dtype=np.int32),
-            np.float32(scale),
-        )
+        starts, lengths = meta.query_start_host, meta.query_lens_host
+        long = np.flatnonzero(lengths > MAX_KERNEL_QUERIES)
+        short = np.flatnonzero(lengths <= MAX_KERNEL_QUERIES)
+        if len(short):
+            rows = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in short])
+            cpu_ops.paged_attention(
+                out, q, k_cache, v_cache,
+                np.asarray(meta.block_tables_host, dtype=np.int32),
+                np.asarray(starts, dtype=np.int32),
+                np.asarray(meta.context_lens_host, dtype=np.int32),
+                np.float32(scale), rows,
+            )  # fmt: skip
+        for b in long:
+            rows = slice(starts[b], starts[b + 1])
+            out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scale)
         return out
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -50,6 +50,12 @@ _location = cache_location(Path(__file__).parent, _is_writable)
 if _location is not None:
     numba.config.CACHE_DIR = str(_location)
 
+# OpenMP workers that spin between parallel regions starve everything else on a busy machine:
+# with two cores shared with other work, GNU OpenMP's default spinning made a SmolLM2 decode step
+# 5.8x slower than one thread, a spin count of 10000 2.6x; sleeping workers (passive) matched one
+# thread there (docs/benchmarks.md). Read when numba first starts its OpenMP pool, so set here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def kernel(parallel: bool = False, exact: bool = False):
     """numba.njit for a kernel: cached, fastmath (vectorized reductions) unless exact."""

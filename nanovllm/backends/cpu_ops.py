@@ -20,17 +20,17 @@ F32 = np.float32
 
 
 @kernel(parallel=True)
-def paged_attention(out, q, k_cache, v_cache, block_tables, query_start, context_lens, scale):
-    """Causal attention of every query token over its sequence's cached context; one work item
-    per (token, query head). Token i of a sequence with Q new tokens and C cached ones (this
-    step's included) sits at position C - Q + i and sees positions 0..C - Q + i. Scores go to
-    a buffer, then a softmax, then the weighted sum of values: K and V are read from their
-    blocks in place, never gathered."""
-    tokens, num_heads, head_dim = q.shape
+def paged_attention(out, q, k_cache, v_cache, block_tables, query_start, context_lens, scale, rows):
+    """Causal attention of the query tokens `rows` (flat-batch rows) over their sequences' cached
+    context; one work item per (token, query head). Token i of a sequence with Q new tokens and
+    C cached ones (this step's included) sits at position C - Q + i and sees positions
+    0..C - Q + i. Scores go to a buffer, then a softmax, then the weighted sum of values: K and V
+    are read from their blocks in place, never gathered."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    for item in prange(tokens * num_heads):
-        t, head = item // num_heads, item % num_heads
+    for item in prange(rows.size * num_heads):
+        t, head = rows[item // num_heads], item % num_heads
         kv_head = head // group
         seq = np.searchsorted(query_start, t, side="right") - 1
         query_len = query_start[seq + 1] - query_start[seq]

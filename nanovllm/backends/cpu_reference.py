@@ -81,7 +81,7 @@ class ReferenceBackend:
             out[rows] = _decode_attention(q[rows], k_cache, v_cache, meta, group, scale)
         for b in np.flatnonzero(query_lens > 1):
             rows = slice(starts[b], starts[b + 1])
-            out[rows] = _prefill_attention(q[rows], k_cache, v_cache, meta, b, scale)
+            out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scale)
         return out
 
 
@@ -136,7 +136,7 @@ def _decode_attention(q, k_cache, v_cache, meta, seqs, scale):
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _prefill_attention(q, k_cache, v_cache, meta, b, scale):
+def prefill_attention(q, k_cache, v_cache, meta, b, scale):
     """Several query tokens of one sequence, causal over its cache: [Q, Hq, D] -> [Q, Hq, D]."""
     context_len = int(meta.context_lens_host[b])
     num_blocks = -(-context_len // meta.block_size)

@@ -162,8 +162,12 @@ class LoadedModel:
 
 
 def load_model(
-    model: str, device: str = "cpu", dtype: str = "auto", max_model_len: int | None = None
+    model: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    num_threads: int | None = None,
 ) -> LoadedModel:
     checkpoint = load_checkpoint(model)
     max_positions = max_model_len or checkpoint.config.max_position_embeddings
-    return LoadedModel(checkpoint, get_backend(device, dtype), max_positions)
+    return LoadedModel(checkpoint, get_backend(device, dtype, num_threads), max_positions)

@@ -1,0 +1,92 @@
+"""The `cpu` backend on the real demo models, against the `cpu-reference` backend on the same
+file: next-token logits at every position of a 64-token text, and the memory the quantized
+weights take (Qwen2.5-Coder-0.5B Q4_K_M: a mix of Q5_0, Q8_0, Q4_K and Q6_K, with fused q/k/v
+groups of mixed types)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from nanovllm.demo import demo_model_path
+from nanovllm.models import load_model
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+    "Within fifty years, presses were running in more than two hundred cities across Europe, "
+    "and the price of a book fell so far that ordinary merchants, students and priests could own "
+    "several; pamphlets, calendars and news sheets followed."
+)
+MODELS = ["smollm2-demo", "qwen2.5-coder-demo"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def both(request):
+    """(name, cpu model, reference logits over the 64-token text), one model at a time."""
+    path = str(demo_model_path(request.param))
+    reference = load_model(path, device="cpu-reference")
+    ids = reference.tokenizer.encode(TEXT)[:64]
+    assert len(ids) == 64
+    want = reference.logits(ids)
+    del reference  # Qwen's float32 weights take 3 GB
+    return request.param, load_model(path, device="cpu"), ids, want
+
+
+def test_next_token_is_the_references_at_every_position(both):
+    name, ours, ids, want = both
+    got = ours.logits(ids)
+    diff = float(np.abs(got - want).max())
+    print(f"{name}: max |cpu - cpu-reference| logit over 64 positions = {diff:.2e}")
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # float32 on both sides, summed in another order; logits spread over ~30-50
+    assert diff < 1e-3
+
+
+def test_weights_stay_in_the_files_bytes(both):
+    name, ours, _, _ = both
+    model = ours.model
+    matrices = [model.embed_tokens] + [
+        m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+    ]
+    if model.lm_head is not model.embed_tokens:
+        matrices.append(model.lm_head)
+    held = sum(m.nbytes for m in matrices)
+    tensors = gguf.GGUFReader(demo_model_path(name)).tensors
+    stored = sum(int(t.n_bytes) for t in tensors if len(t.shape) == 2)
+    assert held == stored  # every matrix in its file blocks, none widened to float32
+
+
+RSS_SCRIPT = """
+import json, os, resource, sys
+from nanovllm.models import load_model
+model = load_model(sys.argv[1], device="cpu", max_model_len=512)
+ids = model.tokenizer.encode("def quicksort(items):")
+model.greedy(ids, 16)  # touches every weight
+if os.path.exists("/proc/self/status"):  # Linux keeps ru_maxrss across exec: the parent's peak
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    peak = int(status["VmHWM"].split()[0]) * 1024
+else:  # macOS: bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg = model.config
+kv = 2 * cfg.num_layers * 512 * cfg.num_kv_heads * cfg.head_dim * 4
+print(json.dumps({"peak_rss": peak, "kv": kv}))
+"""
+
+
+def test_qwen_peak_resident_memory_stays_within_1_3x_the_file_plus_kv_cache():
+    path = str(demo_model_path("qwen2.5-coder-demo"))
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, path], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    budget = 1.3 * (os.path.getsize(path) + measured["kv"])
+    peak = measured["peak_rss"]
+    print(f"Qwen2.5-Coder on cpu: peak RSS {peak / 1e6:.0f} MB, budget {budget / 1e6:.0f} MB")
+    assert peak <= budget
