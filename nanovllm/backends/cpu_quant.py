@@ -35,6 +35,7 @@ Q = gguf.GGMLQuantizationType
 F32 = np.float32
 U8 = np.uint8
 U16 = np.uint16
+U32 = np.uint32
 IX = np.uint64  # an index numba need not check for negative values
 HALF_BLOCK = 16  # the `h` every kernel takes
 
@@ -127,7 +128,9 @@ def _dot_rows(w, x, out, col):
 # Indexes are cast to unsigned (IX) in inner loops: a signed index makes numba handle negative
 # indexes, a select per access that stops LLVM from vectorizing the loop (6-9x slower, measured).
 # Where a block byte feeds two output runs (low and high nibbles), two loops each write one
-# contiguous run: one loop writing both was 1.5x slower.
+# contiguous run: one loop writing both was 1.5x slower. Offsets such as "q - 16" are subtracted
+# after the conversion to float32 (exact for these small integers): numba widens integer
+# arithmetic to 64 bits, and 64-bit lanes halve the vector width.
 
 
 @inline(exact=True)
@@ -147,9 +150,9 @@ def _row_q4_0(row, w, h):  # 18 bytes: half d; uint8 qs[16] (low nibbles: values
         o, base = b * 18, b * 32
         d = _half(row, o)
         for j in range(n):
-            w[IX(base + j)] = d * F32(np.int32(row[IX(o + 2 + j)] & U8(15)) - 8)
+            w[IX(base + j)] = d * (F32(row[IX(o + 2 + j)] & U8(15)) - F32(8))
         for j in range(n):
-            w[IX(base + 16 + j)] = d * F32(np.int32(row[IX(o + 2 + j)] >> U8(4)) - 8)
+            w[IX(base + 16 + j)] = d * (F32(row[IX(o + 2 + j)] >> U8(4)) - F32(8))
 
 
 @inline(exact=True)
@@ -165,10 +168,10 @@ def _row_q4_1(row, w, h):  # 20 bytes: half d; half m; uint8 qs[16]
 
 
 @inline(exact=True)
-def _q5_value(row, qs, qh, j, high):
-    """Value j (0-15) of a Q5 block's low (high=0) or high (high=1) half: nibble | fifth bit."""
-    nibble = (np.int32(row[IX(qs + j)]) >> (4 * high)) & 15
-    return nibble | np.int32((qh >> np.uint32(j + 16 * high)) & np.uint32(1)) << 4
+def _fifth_bit(qh, j):
+    """16.0 where bit j of a Q5 block's 32 fifth bits is set: a select on a bit test, which LLVM
+    keeps in 32-bit lanes (extracting the bit with a shift made it widen to 64: 1.2x slower)."""
+    return F32(16) if qh & U32(U32(1) << U32(j)) else F32(0)
 
 
 @inline(exact=True)
@@ -178,9 +181,11 @@ def _row_q5_0(row, w, h):  # 22 bytes: half d; uint32 qh (fifth bits); uint8 qs[
         o, base = b * 22, b * 32
         d, qh = _half(row, o), _u32(row, o + 2)
         for j in range(n):
-            w[IX(base + j)] = d * F32(_q5_value(row, o + 6, qh, j, 0) - 16)
+            low = F32(row[IX(o + 6 + j)] & U8(15)) + _fifth_bit(qh, j)
+            w[IX(base + j)] = d * (low - F32(16))
         for j in range(n):
-            w[IX(base + 16 + j)] = d * F32(_q5_value(row, o + 6, qh, j, 1) - 16)
+            high = F32(row[IX(o + 6 + j)] >> U8(4)) + _fifth_bit(qh, j + 16)
+            w[IX(base + 16 + j)] = d * (high - F32(16))
 
 
 @inline(exact=True)
@@ -190,9 +195,11 @@ def _row_q5_1(row, w, h):  # 24 bytes: half d; half m; uint32 qh; uint8 qs[16]
         o, base = b * 24, b * 32
         d, m, qh = _half(row, o), _half(row, o + 2), _u32(row, o + 4)
         for j in range(n):
-            w[IX(base + j)] = d * F32(_q5_value(row, o + 8, qh, j, 0)) + m
+            low = F32(row[IX(o + 8 + j)] & U8(15)) + _fifth_bit(qh, j)
+            w[IX(base + j)] = d * low + m
         for j in range(n):
-            w[IX(base + 16 + j)] = d * F32(_q5_value(row, o + 8, qh, j, 1)) + m
+            high = F32(row[IX(o + 8 + j)] >> U8(4)) + _fifth_bit(qh, j + 16)
+            w[IX(base + 16 + j)] = d * high + m
 
 
 @inline(exact=True)
@@ -213,28 +220,33 @@ def _row_q4_k(row, w, h):  # 144 bytes: half d, dmin; uint8 scales[12]; uint8 qs
 
 
 @inline(exact=True)
-def _q5_k_value(row, qs, qh, j, bit, high):
-    nibble = (np.int32(row[IX(qs + j)]) >> (4 * high)) & 15
-    return nibble | ((np.int32(row[IX(qh + j)]) >> bit) & 1) << 4
-
-
-@inline(exact=True)
 def _row_q5_k(row, w, h):  # 176 bytes: half d, dmin; scales[12]; uint8 qh[32]; uint8 qs[128]
     n = min(h, HALF_BLOCK)  # a bound LLVM sees: it vectorizes for <= 16 iterations
     for b in range(w.size // 256):
         o, base = b * 176, b * 256
         d, dmin = _half(row, o), _half(row, o + 2)
-        for chunk in range(4):
+        for chunk in range(4):  # sub-block 2 * chunk: low nibbles and bit 2 * chunk of qh
             sc0, mn0 = _k_scale_min(row, o + 4, 2 * chunk)
             sc1, mn1 = _k_scale_min(row, o + 4, 2 * chunk + 1)
             d0, m0, d1, m1 = d * F32(sc0), dmin * F32(mn0), d * F32(sc1), dmin * F32(mn1)
-            qs, out = o + 48 + 32 * chunk, base + 64 * chunk
+            qs, qh, out = o + 48 + 32 * chunk, o + 16, base + 64 * chunk
+            low_bit, high_bit = U8(1 << (2 * chunk)), U8(2 << (2 * chunk))
             for j in range(2 * n):
-                w[IX(out + j)] = d0 * F32(_q5_k_value(row, qs, o + 16, j, 2 * chunk, 0)) - m0
+                fifth = F32(16) if row[IX(qh + j)] & low_bit else F32(0)
+                w[IX(out + j)] = d0 * (F32(row[IX(qs + j)] & U8(15)) + fifth) - m0
             for j in range(2 * n):
-                w[IX(out + 32 + j)] = (
-                    d1 * F32(_q5_k_value(row, qs, o + 16, j, 2 * chunk + 1, 1)) - m1
-                )
+                fifth = F32(16) if row[IX(qh + j)] & high_bit else F32(0)
+                w[IX(out + 32 + j)] = d1 * (F32(row[IX(qs + j)] >> U8(4)) + fifth) - m1
+
+
+@inline(exact=True)
+def _q6_run(row, w, out, ql, qh, scale, nibble_shift, high_shift, n):
+    """16 Q6_K values: 4 bits of ql bytes and 2 of qh bytes, minus 32, times their scale. The
+    shifts are literals at every call: a byte shift by a variable has no vector instruction."""
+    for j in range(n):
+        low = F32((row[IX(ql + j)] >> U8(nibble_shift)) & U8(15))
+        top = F32((row[IX(qh + j)] >> U8(high_shift)) & U8(3))
+        w[IX(out + j)] = scale * (low + F32(16) * top - F32(32))
 
 
 @inline(exact=True)
@@ -243,18 +255,16 @@ def _row_q6_k(row, w, h):  # 210 bytes: uint8 ql[128]; uint8 qh[64]; int8 scales
     for b in range(w.size // 256):
         o, base = b * 210, b * 256
         d = _half(row, o + 208)
-        for group in range(8):  # 32 values: 4 bits from ql, 2 from qh; a scale per 16
-            half, quarter = group >> 2, group & 3
-            ql = o + 64 * half + 32 * (quarter & 1)
-            qh = o + 128 + 32 * half
-            nibble_shift, high_shift = 4 * (quarter >> 1), 2 * quarter
+        for half in range(2):  # 128 values from 64 ql bytes and 32 qh bytes; a scale per 16
+            ql, qh, out, sc = o + 64 * half, o + 128 + 32 * half, base + 128 * half, 8 * half
             for sub in range(2):
-                scale = d * F32(np.int8(row[o + 192 + 2 * group + sub]))
-                out = base + 32 * group + 16 * sub
-                for j in range(n):
-                    lq = (np.int32(row[IX(ql + 16 * sub + j)]) >> nibble_shift) & 15
-                    hq = (np.int32(row[IX(qh + 16 * sub + j)]) >> high_shift) & 3
-                    w[IX(out + j)] = scale * F32((lq | hq << 4) - 32)
+                at, scale = 16 * sub, o + 192 + sc + sub  # scales of the four 32-value groups
+                s0, s1 = F32(np.int8(row[scale])), F32(np.int8(row[scale + 2]))
+                s2, s3 = F32(np.int8(row[scale + 4])), F32(np.int8(row[scale + 6]))
+                _q6_run(row, w, out + at, ql + at, qh + at, d * s0, 0, 0, n)
+                _q6_run(row, w, out + 32 + at, ql + 32 + at, qh + at, d * s1, 0, 2, n)
+                _q6_run(row, w, out + 64 + at, ql + at, qh + at, d * s2, 4, 4, n)
+                _q6_run(row, w, out + 96 + at, ql + 32 + at, qh + at, d * s3, 4, 6, n)
 
 
 @inline(exact=True)
