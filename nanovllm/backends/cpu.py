@@ -75,7 +75,7 @@ class CPUBackend(ReferenceBackend):
         ids = np.asarray(ids)
         for part, first in zip(weight.parts, weight.columns, strict=True):
             mine = (ids >= first) & (ids < first + part.shape[0])
-            out[mine] = _dequantize(part, part.data[ids[mine] - first])
+            out[mine] = _dequantize(part, ids[mine] - first)
         return out
 
     # ---- ops ---------------------------------------------------------------------------------
@@ -160,7 +160,8 @@ class CPUBackend(ReferenceBackend):
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             tile = self._tile[: (stop - start) * cols].reshape(stop - start, cols)
-            part.format.dequantize(part.data[start:stop], tile, HALF_BLOCK)
+            rows_of_tile = np.arange(start, stop, dtype=np.int64)
+            part.format.dequantize(part.data, rows_of_tile, tile, HALF_BLOCK)
             np.matmul(x, tile.T, out=out[:, column + start : column + stop])
 
 
@@ -171,12 +172,13 @@ def _matrix(tensor: np.ndarray | QuantizedTensor) -> Matrix:
         tensor = QuantizedTensor.from_array(tensor.dequantize())
     fmt = FORMATS[tensor.qtype]
     data = fmt.view(np.ascontiguousarray(tensor.data))
+    data.flags.writeable = False  # as the memory map's views are: one compiled type for both
     return Matrix(fmt, data, tensor.shape, tensor.nbytes)
 
 
 def _dequantize(part: Matrix, rows: np.ndarray) -> np.ndarray:
     if part.format.dequantize is None:
-        return rows
+        return part.data[rows]
     out = np.empty((len(rows), part.shape[1]), dtype=np.float32)
-    part.format.dequantize(rows, out, HALF_BLOCK)
+    part.format.dequantize(part.data, rows.astype(np.int64), out, HALF_BLOCK)
     return out

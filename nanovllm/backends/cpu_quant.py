@@ -9,8 +9,11 @@ Two kernels per format are built on it:
   x of a decode step. Threads take chunks of weight rows; each row is decoded once into a
   buffer in L1 and multiplied with every row of x, so each weight byte is read from memory once
   per step whatever the batch.
-- `dequantize_<format>(data, out, h)`: rows -> float32, for embeddings and for large batches
-  (prefill), which multiply tiles of dequantized rows with BLAS (see cpu.py).
+- `dequantize_<format>(data, rows, out, h)`: out[i] = row rows[i] in float32, for embeddings and
+  for large batches (prefill), which multiply tiles of dequantized rows with BLAS (see cpu.py).
+
+Kernels see one array type per argument (read-only C-contiguous weight rows, float32 activations,
+int64 row indexes), so each compiles once per format.
 
 `h` is always HALF_BLOCK (16), passed in at run time on purpose (a module constant would be
 folded in): with a compile-time trip count LLVM unrolls the 16- and 32-value inner loops and then
@@ -372,63 +375,63 @@ def matmul_f32(data, x, out, col0, chunks, h):
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q8_0(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q8_0(data[n], out[n], h)
+def dequantize_q8_0(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q8_0(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q4_0(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q4_0(data[n], out[n], h)
+def dequantize_q4_0(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q4_0(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q4_1(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q4_1(data[n], out[n], h)
+def dequantize_q4_1(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q4_1(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q5_0(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q5_0(data[n], out[n], h)
+def dequantize_q5_0(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q5_0(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q5_1(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q5_1(data[n], out[n], h)
+def dequantize_q5_1(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q5_1(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q4_k(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q4_k(data[n], out[n], h)
+def dequantize_q4_k(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q4_k(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q5_k(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q5_k(data[n], out[n], h)
+def dequantize_q5_k(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q5_k(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_q6_k(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_q6_k(data[n], out[n], h)
+def dequantize_q6_k(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_q6_k(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_f16(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_f16(data[n], out[n], h)
+def dequantize_f16(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_f16(data[rows[i]], out[i], h)
 
 
 @kernel(parallel=True, exact=True)
-def dequantize_bf16(data, out, h):
-    for n in prange(data.shape[0]):
-        _row_bf16(data[n], out[n], h)
+def dequantize_bf16(data, rows, out, h):
+    for i in prange(rows.size):
+        _row_bf16(data[rows[i]], out[i], h)
 
 
 # ---- the table the backend dispatches on -----------------------------------------------------
@@ -440,7 +443,7 @@ class Format:
 
 
 def _bytes(data: np.ndarray) -> np.ndarray:
-    return data
+    return data.view()
 
 
 def _halves(data: np.ndarray) -> np.ndarray:
