@@ -214,8 +214,10 @@ def test_the_thread_count_applies_in_every_thread_that_runs_an_op():
     assert control.num_threads == 1 and seen == [1]
 
 
-def test_the_thread_count_is_capped_by_numbas_pool():
-    assert ThreadControl(10_000).num_threads == numba.config.NUMBA_NUM_THREADS
+def test_more_threads_than_numbas_pool_are_capped_with_a_warning():
+    with pytest.warns(UserWarning, match="numba's pool has"):
+        control = ThreadControl(10_000)
+    assert control.num_threads == numba.config.NUMBA_NUM_THREADS
 
 
 def test_compiled_kernels_are_cached_next_to_the_source_or_in_a_writable_directory(

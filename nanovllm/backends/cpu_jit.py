@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,6 +111,12 @@ class ThreadControl:
 
     def __init__(self, num_threads: int | None) -> None:
         limit = numba.config.NUMBA_NUM_THREADS  # numba's pool size, fixed at import
+        if num_threads is not None and num_threads > limit:
+            warnings.warn(
+                f"{num_threads} CPU threads asked for, but numba's pool has {limit} (one per "
+                f"core, or NUMBA_NUM_THREADS): using {limit}",
+                stacklevel=3,
+            )
         self.num_threads = min(num_threads or default_threads(), limit)
         self._blas = _limit_blas(self.num_threads)
 
