@@ -51,6 +51,7 @@ import numpy as np
 PEERS = Path("/work/peers")
 WORKLOADS = ("single", "batch", "mix", "ttft")
 ENGINES = ("nanovllm", "llama.cpp", "vllm", "transformers")
+RESULT = "compare_peers result: "  # marks the worker's line among the engines' own logs
 
 
 # ---- workloads (the same token ids for every engine) -------------------------------------------
@@ -86,7 +87,7 @@ def worker(engine: str, args: argparse.Namespace) -> None:
     runner = ENGINE_RUNNERS[engine](args)
     runner([[100, 200, 300, 400]], [4])  # warm-up: compiles, caches, threads
     results = {name: measure(name, runner, args.vocab) for name in args.workloads.split(",")}
-    print(json.dumps(results), flush=True)
+    print(RESULT + json.dumps(results), flush=True)
 
 
 def nanovllm_runner(args):
@@ -273,10 +274,11 @@ def run_worker(engine: str, args) -> dict:
     peak = PeakRSS(process.pid)
     stdout, stderr = process.communicate()
     peak.stop()
-    if process.returncode != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT)]
+    if process.returncode != 0 or not lines:
+        tail = "\n".join((stderr + stdout).strip().splitlines()[-5:])
         return {"error": f"exit {process.returncode}: {tail}"}
-    result = json.loads(stdout.strip().splitlines()[-1])
+    result = json.loads(lines[-1][len(RESULT) :])
     result["peak_rss_mb"] = peak.peak / 1e6
     return result
 
