@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.assembly import build_engine
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
@@ -15,21 +16,25 @@ Message = dict[str, object]
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args) -> None:
-        if "max_requests" in engine_args:  # the CLI's name for it
-            engine_args["max_num_seqs"] = engine_args.pop("max_requests")
-        self._attach(LLMEngine(EngineConfig(model=model, **engine_args)))
+    """LLM(model, **engine_args) builds an engine (EngineConfig's fields are the arguments);
+    LLM(engine=...) wraps one already built."""
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> LLM:
-        llm = cls.__new__(cls)
-        llm._attach(LLMEngine(config))
-        return llm
-
-    def _attach(self, engine: LLMEngine) -> None:
+    def __init__(
+        self, model: str | None = None, *, engine: LLMEngine | None = None, **engine_args
+    ) -> None:
+        if engine is None:
+            if "max_requests" in engine_args:  # the CLI's name for it
+                engine_args["max_num_seqs"] = engine_args.pop("max_requests")
+            engine = build_engine(EngineConfig(model=model, **engine_args))
+        elif model is not None or engine_args:
+            raise ValueError("pass either a model (and engine arguments) or an engine")
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        return cls(engine=build_engine(config))
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
@@ -93,6 +98,9 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = _progress(len(pending)) if use_tqdm else None
         while len(finished) < len(pending):
+            if not self.engine.has_unfinished_requests():
+                missing = sorted(pending - finished.keys())
+                raise RuntimeError(f"the engine finished without outputs for requests {missing}")
             for output in self.engine.step():
                 if output.finished and output.request_id in pending:
                     finished[output.request_id] = output

@@ -11,11 +11,20 @@ _EPS = 1e-5
 
 class RequestOutputKind(Enum):
     """Which outputs a request produces, as in vLLM. CUMULATIVE: one per step that changed it
-    (with the text so far and the step's delta); FINAL_ONLY: only the finished one, which spares
-    the engine building outputs nobody reads (offline generation, non-streamed requests)."""
+    (with the text so far and the step's delta); DELTA: one per step that changed it, holding
+    only what is new (streaming); FINAL_ONLY: only the finished one, which spares the engine
+    building outputs nobody reads (offline generation, non-streamed requests)."""
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
+
+
+# Stop strings are matched as text is generated; their number and length are bounded like a
+# request body's size, so one request cannot make every step of its neighbours slow.
+MAX_STOP_STRINGS = 128
+MAX_STOP_LENGTH = 512
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI and vLLM take
 
 
 @dataclass(slots=True)
@@ -67,7 +76,9 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=None)
+            _check_int("seed", self.seed, minimum=SEED_RANGE[0])
+            if self.seed > SEED_RANGE[1]:
+                raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -79,6 +90,15 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, minimum=0)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(
+                f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+            )
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise ValueError(
+                f"stop strings may have at most {MAX_STOP_LENGTH} characters, one has {longest}"
+            )
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
 

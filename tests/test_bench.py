@@ -54,14 +54,14 @@ def test_bench_throughput_refuses_a_bad_range(model):
     assert "MIN <= MAX" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_overhead_reports_both_output_kinds_and_parts_that_add_up(model):
+def test_bench_overhead_reports_every_output_kind_and_parts_that_add_up(model):
     result = run_cli(
         "bench", "overhead", "--model", model, "--device", "cpu", "--num-seqs", "8",
         "--steps", "5", "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     reports = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["outputs"] for r in reports] == ["final_only", "cumulative"]
+    assert [r["outputs"] for r in reports] == ["final_only", "cumulative", "delta"]
     for r in reports:
         assert (r["num_seqs"], r["steps"]) == (8, 5)
         parts = r["ms_schedule"] + r["ms_runner"] + r["ms_sampler"] + r["ms_postprocess"]

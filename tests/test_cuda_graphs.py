@@ -19,6 +19,7 @@ from checkpoints import prompt_ids
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine import cuda_graphs
+from nanovllm.engine.batch import ForwardItem
 from nanovllm.engine.cuda_graphs import (
     CapturedGraphs,
     DecodeGraphRunner,
@@ -26,7 +27,7 @@ from nanovllm.engine.cuda_graphs import (
     bucket_for,
     relative_error,
 )
-from nanovllm.engine.model_runner import ForwardItem, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from nanovllm.backends.cuda import CUDABackend
-from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
-from nanovllm.check import (
+from nanovllm.backends.kernel_cases import (
     DTYPES,
     case_head_norm,
     case_paged_attention,
@@ -24,6 +23,7 @@ from nanovllm.check import (
     case_write_kv,
     compare,
 )
+from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
 
 SCHEDULES = ("forward", "reverse", "random")
 

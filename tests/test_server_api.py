@@ -275,7 +275,7 @@ BAD_REQUESTS = [
     ),  # fmt: skip
     ("n-0", COMP, {"prompt": "x", "n": 0}, {}, 400, "n"),
     ("n-too-many", COMP, {"prompt": "x", "n": 1000}, {}, 400, "n"),
-    ("seed-negative", COMP, {"prompt": "x", "seed": -1}, {}, 400, "seed"),
+    ("seed-beyond-64-bits", COMP, {"prompt": "x", "seed": 2**63}, {}, 400, "seed"),
     ("ignore-eos-string", COMP, {"prompt": "x", "ignore_eos": "yes"}, {}, 400, "ignore_eos"),
     ("stop-empty-string", COMP, {"prompt": "x", "stop": [""]}, {}, 400, "stop"),
     (

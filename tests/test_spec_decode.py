@@ -29,7 +29,8 @@ from checkpoints import (
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.backends import get_backend
-from nanovllm.engine.spec_decode import SpecStats, ngram_propose, rejection_sample
+from nanovllm.engine.rejection import rejection_sample
+from nanovllm.engine.spec_decode import SpecStats, ngram_propose
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import LoadedModel, load_checkpoint
 
@@ -391,11 +392,11 @@ def proposers(drafts):
 
 def record_proposals(llm: LLM, monkeypatch) -> list[tuple[list[int], int, list[int]]]:
     """Log (context, prompt length, guess) of every proposal the engine verifies."""
-    spec, log = llm.engine.spec, []
+    spec, log = llm.engine.runner.proposer, []
     propose = spec.propose
 
-    def recording(batch):
-        proposals = propose(batch)
+    def recording(wanted):
+        proposals = propose(wanted)
         for seq, proposal in proposals.items():
             log.append((list(seq.token_ids), seq.num_prompt_tokens, list(proposal.token_ids)))
         return proposals

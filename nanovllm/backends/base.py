@@ -7,12 +7,41 @@ Hq/Hkv = query/key-value heads, D = head_dim, H = hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 Array = Any  # numpy.ndarray on the cpu backend, cupy.ndarray on cuda
+
+
+@dataclass(slots=True)
+class AttentionInputs:
+    """The arrays behind AttentionMetadata, on the host or on the device."""
+
+    slot_mapping: Array  # [T] int64
+    block_tables: Array  # [B, max_blocks] int32
+    query_start: Array  # [B + 1] int32
+    context_lens: Array  # [B] int32
+
+    @classmethod
+    def from_lists(cls, slots, tables: np.ndarray, query_start, context_lens) -> AttentionInputs:
+        return cls(
+            slot_mapping=np.asarray(slots, dtype=np.int64),
+            block_tables=np.asarray(tables, dtype=np.int32),
+            query_start=np.asarray(query_start, dtype=np.int32),
+            context_lens=np.asarray(context_lens, dtype=np.int32),
+        )
+
+    def map(self, fn: Callable[[Array], Array]) -> AttentionInputs:
+        """Each array through fn (e.g. the backend's asarray: an upload)."""
+        return AttentionInputs(
+            fn(self.slot_mapping),
+            fn(self.block_tables),
+            fn(self.query_start),
+            fn(self.context_lens),
+        )
 
 
 @dataclass(slots=True)
@@ -34,6 +63,24 @@ class AttentionMetadata:
     context_lens_host: np.ndarray
     block_tables_host: np.ndarray
 
+    @classmethod
+    def build(
+        cls, host: AttentionInputs, block_size: int, device: AttentionInputs | None = None
+    ) -> AttentionMetadata:
+        """The one builder: from the step's host arrays and their device copies (the host
+        arrays themselves on the CPU)."""
+        device = device or host
+        return cls(
+            slot_mapping=device.slot_mapping,
+            block_tables=device.block_tables,
+            query_start=device.query_start,
+            context_lens=device.context_lens,
+            block_size=block_size,
+            query_start_host=host.query_start,
+            context_lens_host=host.context_lens,
+            block_tables_host=host.block_tables,
+        )
+
     @property
     def query_lens_host(self) -> np.ndarray:
         return np.diff(self.query_start_host)
@@ -43,12 +90,34 @@ class AttentionMetadata:
         return len(self.context_lens_host)
 
 
+def slot_of(block_table: Sequence[int], position: int, block_size: int) -> int:
+    """The KV-cache slot of a sequence's token at `position`: its block's id times the block size
+    plus the offset inside the block."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
+def slots_of(block_table: Sequence[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+    """slot_of for many positions at once."""
+    table = np.asarray(block_table, dtype=np.int64)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
 class Backend(Protocol):
     """Array creation and the fused ops of a decoder-only transformer."""
 
     name: str
     dtype: Any  # the compute dtype of activations, weights and KV cache
     xp: Any  # the array module: numpy, or cupy on a GPU
+
+    supports_decode_graphs: bool  # decode steps can run as captured graphs
+    needs_startup_check: bool  # its kernels are checked against the reference before serving
+
+    def check_model(self, config: Any) -> None:
+        """Raise NanovllmError, naming the value and the supported ones, for a model (a
+        ModelConfig) this backend has no kernel for: checked before any weight is loaded."""
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) device bytes to size the KV cache from, or None."""
 
     def asarray(self, x: np.ndarray, dtype: Any = None) -> Array: ...
     def to_numpy(self, x: Array) -> np.ndarray: ...
@@ -82,3 +151,16 @@ class Backend(Protocol):
     ) -> Array:
         """Causal attention of each sequence's query tokens over its cached context -> [T, Hq, D].
         One op for prefill, chunked prefill, decode and speculative verification."""
+
+    def apply_token_bitmask(self, logits: Array, rows: Array, bitmask: Array) -> None:
+        """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is 0. bitmask is
+        int32 [len(rows), ceil(V / 32)]; bit b of word w stands for token 32 * w + b."""
+
+
+def mask_logits_with_bitmask(xp: Any, logits: Array, rows: Array, bitmask: Array) -> None:
+    """apply_token_bitmask written with array operations, for any array module."""
+    vocab = logits.shape[1]
+    words = xp.asarray(bitmask, dtype=xp.int32).view(xp.uint32)
+    bits = (words[:, :, None] >> xp.arange(32, dtype=xp.uint32)) & 1
+    allowed = bits.reshape(len(words), -1)[:, :vocab].astype(bool)
+    logits[rows] = xp.where(allowed, logits[rows], -xp.inf)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanovllm.backends.base import AttentionMetadata
+from nanovllm.backends.base import AttentionMetadata, mask_logits_with_bitmask
 
 
 class CPUBackend:
@@ -13,6 +13,16 @@ class CPUBackend:
 
     def __init__(self, dtype=np.float32) -> None:
         self.dtype = np.dtype(dtype)
+
+    supports_decode_graphs = False
+    needs_startup_check = False  # this backend is the reference
+
+    def check_model(self, config) -> None:
+        """NumPy runs any shape."""
+
+    def memory_info(self) -> None:
+        """No device memory: `--num-blocks auto` takes the default."""
+        return None
 
     def asarray(self, x: np.ndarray, dtype=None) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=dtype or x.dtype)
@@ -62,6 +72,9 @@ class CPUBackend:
         blocks, offsets = np.divmod(slot_mapping, block_size)
         k_cache[blocks, offsets] = k
         v_cache[blocks, offsets] = v
+
+    def apply_token_bitmask(self, logits, rows, bitmask) -> None:
+        mask_logits_with_bitmask(np, logits, rows, bitmask)
 
     def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         out = np.empty_like(q)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nanovllm.backends.base import AttentionMetadata
+from nanovllm.backends.base import AttentionMetadata, mask_logits_with_bitmask
 from nanovllm.backends.kernel_library import (
     ATTENTION_HEAD_DIMS,
     ATTENTION_QUERY_VECTORS,
@@ -53,6 +53,32 @@ class CUDABackend:
         self.emulated = emulated
         self.xp = np if emulated else _cupy()
         self.kernels = KernelLibrary(emulated, emulator_options)
+
+    # ---- capabilities ------------------------------------------------------------------------
+    supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)
+
+    def check_model(self, config) -> None:
+        """Refuse, before any weight is loaded, a model these kernels cannot run."""
+        if config.head_dim not in ATTENTION_HEAD_DIMS:
+            raise NanovllmError(
+                f"head_dim {config.head_dim} of this model has no paged-attention kernel on "
+                f"--device {self.name}; kernels/paged_attention.cu is built for head_dim "
+                f"{', '.join(map(str, ATTENTION_HEAD_DIMS))} (use --device cpu for others)"
+            )
+
+    @property
+    def needs_startup_check(self) -> bool:
+        """A GPU's kernels are checked against the NumPy reference before serving
+        (nanovllm/backends/self_check.py); the emulator runs the sources the tests check."""
+        return not self.emulated
+
+    def memory_info(self) -> tuple[int, int] | None:
+        """(free, total) device bytes for sizing the KV cache; None on the emulated device."""
+        if self.emulated:
+            return None
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        # Memory CuPy's pool holds but no array uses is free for the cache too.
+        return free + self.xp.get_default_memory_pool().free_bytes(), total
 
     # ---- arrays ------------------------------------------------------------------------------
     def asarray(self, x: np.ndarray, dtype: Any = None) -> Array:
@@ -192,6 +218,9 @@ class CUDABackend:
         fn(grid, (ATTENTION_THREADS,), args, shared_mem=attention_shared_bytes(head_dim))
         return out
 
+    def apply_token_bitmask(self, logits: Array, rows: Array, bitmask: Array) -> None:
+        mask_logits_with_bitmask(self.xp, logits, self.xp.asarray(rows), self.xp.asarray(bitmask))
+
     # ---- helpers ----------------------------------------------------------------------------
     def _kernel(self, family: str, op: str, dtype: Any):
         suffix = _SUFFIX.get(np.dtype(dtype))
@@ -309,72 +338,3 @@ def from_storage(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint16:
         return float32_from_bf16(x)
     return np.asarray(x, dtype=np.float32)
-
-
-def kv_cache_block_bytes(
-    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: Any
-) -> int:
-    """Bytes of one block across all layers, keys and values."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * np.dtype(dtype).itemsize
-
-
-def num_blocks_for_budget(
-    free_bytes: int,
-    total_bytes: int,
-    gpu_memory_utilization: float,
-    block_bytes: int,
-    reserve_bytes: int = 0,
-) -> int:
-    """How many KV blocks fit, vLLM-style: the engine may use `gpu_memory_utilization` of the
-    GPU's total memory; what is in use now (weights, other processes) and a reserve for
-    activations come off first, and the rest is KV cache."""
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise NanovllmError(
-            f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}"
-        )
-    in_use = total_bytes - free_bytes
-    budget = int(total_bytes * gpu_memory_utilization) - in_use - reserve_bytes
-    blocks = budget // block_bytes if budget > 0 else 0
-    if blocks < 1:
-        raise NanovllmError(
-            f"no room for the KV cache: {in_use / 2**30:.2f} GiB of {total_bytes / 2**30:.2f} GiB "
-            f"in use, {reserve_bytes / 2**30:.2f} GiB reserved for activations, and "
-            f"--gpu-memory-utilization {gpu_memory_utilization} allows "
-            f"{total_bytes * gpu_memory_utilization / 2**30:.2f} GiB; raise it or use a smaller model"
-        )
-    return int(blocks)
-
-
-def activation_reserve_bytes(
-    hidden_size: int,
-    intermediate_size: int,
-    vocab_size: int,
-    max_num_batched_tokens: int,
-    max_num_seqs: int,
-    dtype: Any,
-) -> int:
-    """A generous estimate of a step's peak activations: a few hidden-sized buffers, the fused
-    qkv and gate/up outputs per batched token, and float32 logits per sequence, doubled for
-    temporaries and allocator slack."""
-    item = np.dtype(dtype).itemsize
-    per_token = (6 * hidden_size + 3 * intermediate_size) * item
-    return 2 * (max_num_batched_tokens * per_token + max_num_seqs * vocab_size * 4)
-
-
-def gpu_num_blocks(
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: Any,
-    gpu_memory_utilization: float = 0.9,
-    reserve_bytes: int = 0,
-) -> int:
-    """`--num-blocks auto`: size the KV cache from the current device's free memory. Call it after
-    the weights are loaded, so that they count as in use."""
-    cupy = _cupy()
-    free, total = cupy.cuda.runtime.memGetInfo()
-    # Memory CuPy's pool holds but no array uses is free for the cache too.
-    free += cupy.get_default_memory_pool().free_bytes()
-    block = kv_cache_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
-    return num_blocks_for_budget(free, total, gpu_memory_utilization, block, reserve_bytes)

@@ -30,20 +30,20 @@ Each bucket's first replay is the exception: comparing it with the eager step sy
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nanovllm.backends.base import Array, AttentionMetadata
+from nanovllm.backends.base import Array, AttentionInputs, AttentionMetadata, slot_of
+from nanovllm.engine.batch import ForwardItem
+from nanovllm.engine.graph_capture import CapturedGraphs
 
 if TYPE_CHECKING:
     from nanovllm.backends.cuda import CUDABackend
-    from nanovllm.engine.model_runner import ForwardItem
     from nanovllm.models.llama import KVCache, LlamaForCausalLM
 
 logger = logging.getLogger("nanovllm.engine")
@@ -103,6 +103,15 @@ class DecodeBuffers:
 
     def map(self, fn: Callable[[Array], Array]) -> DecodeBuffers:
         return DecodeBuffers(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def attention(self, rows: int) -> AttentionInputs:
+        """The attention inputs of the first `rows` rows."""
+        return AttentionInputs(
+            self.slot_mapping[:rows],
+            self.block_tables[:rows],
+            self.query_start[: rows + 1],
+            self.context_lens[:rows],
+        )
 
 
 class DecodeGraphRunner:
@@ -174,7 +183,7 @@ class DecodeGraphRunner:
         for i, (token, position, table) in enumerate(rows):
             host.input_ids[i] = token
             host.positions[i] = position
-            host.slot_mapping[i] = table[position // size] * size + position % size
+            host.slot_mapping[i] = slot_of(table, position, size)
             host.context_lens[i] = position + 1
             host.block_tables[i, : len(table)] = table
 
@@ -208,17 +217,9 @@ class DecodeGraphRunner:
         return out
 
     def _step(self, bufs: DecodeBuffers, rows: int) -> Array:
-        host = self.host  # launch geometry: one query per row, `rows` sequences
-        meta = AttentionMetadata(
-            slot_mapping=bufs.slot_mapping[:rows],
-            block_tables=bufs.block_tables[:rows],
-            query_start=bufs.query_start[: rows + 1],
-            context_lens=bufs.context_lens[:rows],
-            block_size=self.block_size,
-            query_start_host=host.query_start[: rows + 1],
-            context_lens_host=host.context_lens[:rows],
-            block_tables_host=host.block_tables[:rows],
-        )
+        meta = AttentionMetadata.build(
+            self.host.attention(rows), self.block_size, device=bufs.attention(rows)
+        )  # launch geometry from the host copy: one query per row, `rows` sequences
         hidden = self.model.forward(
             bufs.input_ids[:rows], bufs.positions[:rows], meta, self.kv_caches
         )
@@ -276,62 +277,6 @@ class DecodeGraphRunner:
             return
         if self.self_check():
             logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
-
-
-class CapturedGraphs:
-    """GPU only (never run where it was written: no GPU there). One CUDA graph per bucket,
-    captured largest first into one private memory pool.
-
-    The pool is why this class exists: the arrays a graph allocates while it is captured are the
-    addresses every replay writes. Were they returned to CuPy's shared pool, later eager work
-    would be handed the same memory and the next replay would overwrite it. So capture runs
-    under `using_allocator(pool.malloc)`, and the pool lives as long as the graphs. The graphs
-    share it safely: they never run at once (one engine thread, one stream), and the only array
-    that outlives a replay is the runner's logits buffer, shared by every bucket.
-
-    Capture happens on a side stream (the legacy default stream cannot be captured) after one
-    eager warm-up run of the same step on it: that compiles every kernel (and lets cuBLAS set up
-    its workspace) and fills the pool with blocks of the right sizes, so capture compiles nothing
-    and rarely mallocs (cudaMalloc is allowed in the relaxed mode CuPy captures in; a sync or a
-    pageable host copy is not, and would make capture raise). Replays launch on the
-    current stream, so they are ordered after the eager work before them (prefill writes to the
-    KV cache) and before the sampler after them without any event.
-    """
-
-    def __init__(self, cupy: Any, forward: Callable[[int], Array], buckets: list[int]) -> None:
-        self.cupy = cupy
-        self.pool = cupy.cuda.MemoryPool()
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.graphs: dict[int, Any] = {}
-        self.logits: dict[int, Array] = {}
-        # The side stream does not wait for the null stream: let the buffers' uploads land.
-        cupy.cuda.runtime.deviceSynchronize()
-        for bucket in sorted(buckets, reverse=True):  # smaller graphs reuse the largest's blocks
-            self.graphs[bucket], self.logits[bucket] = self._capture(forward, bucket)
-
-    def _capture(self, forward: Callable[[int], Array], bucket: int) -> tuple[Any, Array]:
-        with self.cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-            forward(bucket)  # warm-up, see the class docstring
-            self.stream.synchronize()
-            self.stream.begin_capture()
-            try:
-                logits = forward(bucket)
-            except BaseException:
-                # Leave capture mode, but report what broke the capture, not that it ended.
-                with contextlib.suppress(Exception):
-                    self.stream.end_capture()
-                raise
-            graph = self.stream.end_capture()
-        return graph, logits
-
-    def replay(self, bucket: int) -> Array:
-        self.graphs[bucket].launch(stream=self.cupy.cuda.get_current_stream())
-        return self.logits[bucket]
-
-    def release(self) -> None:
-        self.graphs.clear()
-        self.logits.clear()
-        self.pool.free_all_blocks()
 
 
 def _host_empty(backend: CUDABackend) -> Callable:

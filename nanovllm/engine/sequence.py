@@ -33,10 +33,15 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[Any] = field(default_factory=list)
-    detokenizer: Any = None
+    detokenizer: Any = None  # set by the output processor
+    constraint: Any = None  # a TokenConstraint on its next tokens (structured outputs), or None
     first_token_time: float | None = None
-    num_sent_tokens: int = 0  # output tokens already reported in a RequestOutput
     draft_computed: int = 0  # tokens whose KV the draft model holds (speculative decoding)
+    # What the latest step that gave this sequence tokens added: from output token
+    # `delta_start` on, and the text that became final.
+    delta_step: int = -1
+    delta_start: int = 0
+    delta_text: str = ""
 
     @property
     def is_decoding(self) -> bool:
@@ -63,6 +68,18 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def forget_computed(self) -> None:
+        """Preempted by recomputation: no cache (target's or draft's) holds any of its tokens."""
+        self.num_computed_tokens = 0
+        self.draft_computed = 0
+
+
+def sequence_generator(seed: int | None, index: int) -> np.random.Generator | None:
+    """The generator of a seeded request's sample `index`, for its whole life (None: unseeded,
+    the sampler's shared generator). Any 64-bit seed, negative ones included (OpenAI and vLLM
+    accept them); each of the n samples draws its own stream."""
+    return None if seed is None else np.random.default_rng((seed % 2**64, index))
+
 
 @dataclass(slots=True, eq=False)
 class Request:
@@ -80,4 +97,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(seq.is_finished for seq in self.seqs)
+        """Every sample has a finish reason (set as soon as a stop rule fires or on abort)."""
+        return len(self.seqs) == self.params.n and all(
+            seq.finish_reason is not None for seq in self.seqs
+        )

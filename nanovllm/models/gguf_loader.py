@@ -21,6 +21,7 @@ import numpy as np
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.gguf_tokenizer import build_tokenizer, end_of_generation_ids
 from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.registry import model_class
 from nanovllm.models.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -182,27 +183,17 @@ def _hf_name(name: str, num_layers: int) -> str:
     raise ModelLoadError(f"GGUF tensor {name} has no counterpart in nanovllm's models")
 
 
-def _expected_shape(hf_name: str, c: ModelConfig) -> tuple[int, ...]:
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    part = hf_name.rsplit(".", 2)[-2]
-    shapes = {
-        "embed_tokens": (c.vocab_size, c.hidden_size),
-        "lm_head": (c.vocab_size, c.hidden_size),
-        "q_proj": (q, c.hidden_size),
-        "k_proj": (kv, c.hidden_size),
-        "v_proj": (kv, c.hidden_size),
-        "o_proj": (c.hidden_size, q),
-        "gate_proj": (c.intermediate_size, c.hidden_size),
-        "up_proj": (c.intermediate_size, c.hidden_size),
-        "down_proj": (c.hidden_size, c.intermediate_size),
-        "q_norm": (c.head_dim,),
-        "k_norm": (c.head_dim,),
-    }
-    expected = shapes.get(part, (c.hidden_size,))  # the remaining weights are RMSNorm vectors
-    return expected[:1] if hf_name.endswith(".bias") else expected
+def _expected_shape(hf_name: str, config: ModelConfig) -> tuple[int, ...] | None:
+    """What the model class says this tensor's shape is (None: the model has no such tensor)."""
+    family = model_class(config.architecture)
+    if hf_name.startswith("model.layers."):
+        return family.layer_tensor_shapes(config).get(hf_name.split(".", 3)[3])
+    return family.global_tensor_shapes(config).get(hf_name)
 
 
-def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+def _check_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...] | None) -> None:
+    if expected is None:
+        raise ModelLoadError(f"GGUF tensor {name} has no counterpart in this model's layout")
     if shape != expected:
         raise ModelLoadError(
             f"GGUF tensor {name} has shape {shape}, but the metadata implies {expected}"

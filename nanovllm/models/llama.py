@@ -107,34 +107,53 @@ class LlamaForCausalLM:
                 top[name] = tensor
         self._finish(done, pending, top)
 
+    @classmethod
+    def layer_tensor_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor of one decoder layer, by its Hugging Face name inside
+        `model.layers.{i}.`: the one statement of this family's checkpoint layout."""
+        hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+        q_rows, kv_rows = config.num_heads * head_dim, config.num_kv_heads * head_dim
+        shapes = {
+            "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,),
+            "self_attn.q_proj.weight": (q_rows, hidden),
+            "self_attn.k_proj.weight": (kv_rows, hidden),
+            "self_attn.v_proj.weight": (kv_rows, hidden),
+            "self_attn.o_proj.weight": (hidden, q_rows),
+            "mlp.gate_proj.weight": (inter, hidden),
+            "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter),
+        }
+        if cls.qkv_bias or config.qkv_bias:
+            shapes |= {
+                "self_attn.q_proj.bias": (q_rows,),
+                "self_attn.k_proj.bias": (kv_rows,),
+                "self_attn.v_proj.bias": (kv_rows,),
+            }
+        if cls.qk_norm or config.qk_norm:
+            shapes |= {
+                "self_attn.q_norm.weight": (head_dim,),
+                "self_attn.k_norm.weight": (head_dim,),
+            }
+        return shapes
+
+    @classmethod
+    def global_tensor_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors outside the layers (lm_head: unless tied)."""
+        table = (config.vocab_size, config.hidden_size)
+        shapes = {"model.embed_tokens.weight": table, "model.norm.weight": (config.hidden_size,)}
+        if not config.tie_word_embeddings:
+            shapes["lm_head.weight"] = table
+        return shapes
+
     def _layer_keys(self) -> list[str]:
-        keys = [
-            "input_layernorm.weight", "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-        ]  # fmt: skip
-        if self.use_qkv_bias:
-            keys += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-        if self.use_qk_norm:
-            keys += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-        return keys
+        return list(self.layer_tensor_shapes(self.config))
 
     def _layer_complete(self, tensors: dict[str, np.ndarray]) -> bool:
         return all(key in tensors for key in self._layer_keys())
 
     def _build_layer(self, index: int, t: dict[str, np.ndarray]) -> DecoderLayer:
-        cfg = self.config
-        q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        expect = {
-            "self_attn.q_proj.weight": (q_rows, cfg.hidden_size),
-            "self_attn.k_proj.weight": (kv_rows, cfg.hidden_size),
-            "self_attn.v_proj.weight": (kv_rows, cfg.hidden_size),
-            "self_attn.o_proj.weight": (cfg.hidden_size, q_rows),
-            "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
-        }
-        for key, shape in expect.items():
+        for key, shape in self.layer_tensor_shapes(self.config).items():
             if tuple(t[key].shape) != shape:
                 raise ModelLoadError(
                     f"tensor model.layers.{index}.{key} has shape {tuple(t[key].shape)}, the config implies {shape}"

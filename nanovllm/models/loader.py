@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nanovllm.backends import get_backend
-from nanovllm.backends.base import AttentionMetadata, Backend
+from nanovllm.backends.base import AttentionInputs, AttentionMetadata, Backend
 from nanovllm.demo import DEMO_MODELS, demo_model_path
 from nanovllm.errors import ModelLoadError
 from nanovllm.models import hub
@@ -142,22 +142,11 @@ class LoadedModel:
     def _forward(self, token_ids: list[int], start: int, caches):
         end = start + len(token_ids)
         blocks = np.arange(caches[0][0].shape[0], dtype=np.int32)[None, :]
-        host = dict(
-            query_start_host=np.array([0, len(token_ids)], dtype=np.int32),
-            context_lens_host=np.array([end], dtype=np.int32),
-            block_tables_host=blocks,
-        )
-        xp = self.backend.asarray
-        meta = AttentionMetadata(
-            slot_mapping=xp(np.arange(start, end, dtype=np.int64)),
-            block_tables=xp(blocks),
-            query_start=xp(host["query_start_host"]),
-            context_lens=xp(host["context_lens_host"]),
-            block_size=self._BLOCK,
-            **host,
-        )
-        ids = xp(np.asarray(token_ids, dtype=np.int64))
-        positions = xp(np.arange(start, end, dtype=np.int64))
+        # One sequence whose block i is cache block i: slot = position.
+        host = AttentionInputs.from_lists(np.arange(start, end), blocks, [0, end - start], [end])
+        meta = AttentionMetadata.build(host, self._BLOCK, host.map(self.backend.asarray))
+        ids = self.backend.asarray(np.asarray(token_ids, dtype=np.int64))
+        positions = self.backend.asarray(np.arange(start, end, dtype=np.int64))
         return self.model.forward(ids, positions, meta, caches)
 
 

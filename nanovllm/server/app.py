@@ -126,9 +126,9 @@ class Routes:
             self._respond(req, resp, sub, builder)
 
     def _submit(self, request: GenerateRequest) -> Submission:
-        params = request.params
-        if not request.stream:  # only the finished output is read: spare the engine the rest
-            params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+        # A stream reads what is new at each step; a plain response only the finished output.
+        kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+        params = request.params.clone(output_kind=kind)
         try:
             return self.state.engine.submit(request.prompts, params, request.add_special_tokens)
         except ValueError as e:  # the engine's checks: prompt length, token ids, max_tokens

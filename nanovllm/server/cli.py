@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from nanovllm.cli import add_engine_args, add_sampling_args, engine_config, sampling_overrides
+from nanovllm.args import add_engine_args, add_sampling_args, engine_config, sampling_overrides
 from nanovllm.errors import NanovllmError
 
 API_KEY_ENV = "NANOVLLM_API_KEY"

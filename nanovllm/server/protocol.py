@@ -189,8 +189,6 @@ def _sampling_params(
             raise bad_request(message, name, "unsupported_parameter")
     values = {name: _typed(body, name, kind) for name, kind in _SAMPLING_FIELDS.items()}
     values = {name: value for name, value in values.items() if value is not None}
-    if values.get("seed") is not None and values["seed"] < 0:
-        raise bad_request(f"seed must be non-negative, got {values['seed']}", "seed")
     if body.get("stop") is not None:
         values["stop"] = _stop(body["stop"])
     if body.get("stop_token_ids") is not None:

@@ -27,13 +27,16 @@ class ResponseBuilder:
         self.chat = request.endpoint == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.latest: dict[int, RequestOutput] = {}  # prompt index -> its latest output
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> its length in tokens
+        self.completion_tokens: dict[int, int] = {}  # choice -> tokens generated so far
         self.finished: set[int] = set()  # choices whose finish chunk was sent
         self.offsets: dict[int, int] = {}  # choice -> text_offset of its next token (legacy)
 
     # ---- full responses --------------------------------------------------------------------
     def response(self, outputs: list[RequestOutput]) -> dict:
-        self.latest = dict(enumerate(outputs))
+        """The whole response, from each prompt's final (cumulative) output."""
+        for prompt_index, output in enumerate(outputs):
+            self._count(prompt_index, output)
         choices = [
             self._choice(prompt_index, output, choice)
             for prompt_index, output in enumerate(outputs)
@@ -62,8 +65,8 @@ class ResponseBuilder:
         }
 
     def usage(self) -> dict:
-        prompt = sum(len(o.prompt_token_ids) for o in self.latest.values())
-        completion = sum(len(c.token_ids) for o in self.latest.values() for c in o.outputs)
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(self.completion_tokens.values())
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -82,8 +85,9 @@ class ResponseBuilder:
         ]
 
     def delta_chunks(self, prompt_index: int, output: RequestOutput) -> list[dict]:
-        """One chunk per choice of `output` with new text, new logprobs or a new finish."""
-        self.latest[prompt_index] = output
+        """One chunk per choice of `output` (a DELTA output: only what is new) with new text,
+        new logprobs or a new finish."""
+        self._count(prompt_index, output, delta=True)
         chunks = []
         for choice in output.outputs:
             index = self._index(prompt_index, choice)
@@ -118,6 +122,13 @@ class ResponseBuilder:
             "finish_reason": reason,
             "stop_reason": choice.stop_reason,
         }
+
+    def _count(self, prompt_index: int, output: RequestOutput, delta: bool = False) -> None:
+        self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        for choice in output.outputs:
+            index = self._index(prompt_index, choice)
+            count = len(choice.delta_token_ids if delta else choice.token_ids)
+            self.completion_tokens[index] = self.completion_tokens.get(index, 0) * delta + count
 
     def _chunk(self, choices: list[dict]) -> dict:
         return {**self._header(".chunk"), "choices": choices}

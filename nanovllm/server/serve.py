@@ -20,6 +20,7 @@ from waitress.server import BaseWSGIServer
 from waitress.wasyncore import dispatcher
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.assembly import build_engine
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.server.admission import Admission
 from nanovllm.server.app import ServerState, build_app
@@ -81,7 +82,7 @@ def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides:
     """Serve until SIGINT/SIGTERM; return the exit code (0 after a graceful shutdown)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop_loading)  # nothing is in flight yet: just leave
-    engine = LLMEngine(engine_config)
+    engine = build_engine(engine_config)
     state = build_state(engine, config, sampling_overrides, engine_config.name)
     server = _waitress_server(state, config)
     state.engine.start()

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from nanovllm.bench import parse_range
+from nanovllm.bench.workload import parse_range
 
 
 @dataclass(slots=True)

@@ -1,0 +1,16 @@
+"""`nanovllm bench`: throughput (offline), overhead (the engine around a model that costs
+nothing) and serve (latency of a running server)."""
+
+from __future__ import annotations
+
+
+def add_bench_parser(sub) -> None:
+    from nanovllm.bench.overhead import add_overhead_parser
+    from nanovllm.bench.serve import add_serve_bench_parser
+    from nanovllm.bench.throughput import add_throughput_parser
+
+    bench = sub.add_parser("bench", help="measure the engine")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    add_throughput_parser(kinds)
+    add_overhead_parser(kinds)
+    add_serve_bench_parser(kinds)

@@ -1,0 +1,168 @@
+"""Building an engine: checkpoint(s), backend, models, KV cache, and the parts of the step.
+
+`build_engine(config)` does everything a front end needs; `assemble(...)` wires already-built
+parts, so benchmarks and tests can hand it their own model (a null model that costs nothing,
+a fake that records what it is asked) without patching anything afterwards.
+
+What happens at start-up, in order: the checkpoint (and a draft model's) is read; the backend is
+chosen and refuses, before any weight is loaded, a model whose head_dim or dtype it has no
+kernel for; the weights are loaded; the backend's start-up check runs for every head_dim in use;
+the KV cache is sized for the target and the draft together; the parts are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanovllm.backends import get_backend
+from nanovllm.backends.base import Backend
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.llm_engine import LLMEngine, ModelInfo
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.output_processor import OutputProcessor
+from nanovllm.engine.sampler import Sampler
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.spec_decode import DraftProposer, NgramProposer
+from nanovllm.errors import NanovllmError
+from nanovllm.models.loader import Checkpoint, build_model, load_checkpoint
+from nanovllm.models.model_config import ModelConfig
+
+DEFAULT_NUM_BLOCKS = 512  # `--num-blocks auto` without device memory to size from
+
+
+@dataclass(slots=True)
+class Models:
+    target: object  # a model: config, forward(...), compute_logits(...)
+    draft: object | None = None
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    checkpoint = load_checkpoint(config.model, config.tokenizer)
+    draft = load_checkpoint(config.draft_model) if config.speculative_method == "draft" else None
+    if draft is not None:
+        _check_draft_vocabulary(config, checkpoint.config, draft.config)
+    backend = get_backend(config.device, config.dtype)
+    configs = [checkpoint.config] + ([draft.config] if draft is not None else [])
+    for model_config in configs:
+        backend.check_model(model_config)  # before loading: refuse what it has no kernel for
+    limit = length_limit(config, checkpoint.config)
+    models = Models(
+        build_model(checkpoint, backend, limit),
+        build_model(draft, backend, limit) if draft is not None else None,
+    )
+    if backend.needs_startup_check:
+        from nanovllm.backends.self_check import startup_self_check
+
+        startup_self_check(backend, sorted({c.head_dim for c in configs}))
+    return assemble(config, model_info(checkpoint, limit), backend, models)
+
+
+def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Models) -> LLMEngine:
+    """An engine from loaded models. info.max_model_len is the model's limit before the KV
+    cache's capacity caps it."""
+    configs = [models.target.config] + ([models.draft.config] if models.draft else [])
+    num_blocks = num_kv_blocks(config, backend, configs)
+    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks)
+    eos = info.eos_token_ids
+    k = config.num_speculative_tokens if config.speculative_method else 0
+    runner = ModelRunner(
+        models.target,
+        backend,
+        allocate_kv_cache(backend, models.target.config, num_blocks, config.block_size),
+        config.block_size,
+        Sampler(config.seed, backend),
+        eos,
+        _proposer(config, backend, models.draft, num_blocks, eos),
+        k,
+    )
+    if backend.supports_decode_graphs and not config.enforce_eager:
+        runner.enable_decode_graphs(config.max_num_seqs, info.max_model_len)
+    manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    scheduler = Scheduler(config, manager, k, info.max_model_len)
+    processor = OutputProcessor(info.tokenizer, eos, info.max_model_len)
+    return LLMEngine(config, info, scheduler, runner, processor)
+
+
+def model_info(checkpoint: Checkpoint, max_model_len: int) -> ModelInfo:
+    return ModelInfo(
+        model_config=checkpoint.config,
+        tokenizer=checkpoint.tokenizer,
+        generation_config=checkpoint.generation_config,
+        eos_token_ids=eos_token_ids(checkpoint),
+        max_model_len=max_model_len,
+    )
+
+
+def eos_token_ids(checkpoint: Checkpoint) -> list[int]:
+    """Every id that ends generation: the config's, generation_config's and the tokenizer's."""
+    ids = list(checkpoint.config.eos_token_ids)
+    gen_eos = checkpoint.generation_config.get("eos_token_id")
+    ids += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+    if checkpoint.tokenizer.eos_token_id is not None:
+        ids.append(checkpoint.tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids})
+
+
+def length_limit(config: EngineConfig, model_config: ModelConfig) -> int:
+    """max_model_len before the KV capacity caps it (so a lone sequence always fits)."""
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window:
+        limit = min(limit, model_config.sliding_window)  # no sliding-window attention yet
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise NanovllmError(
+            f"max_model_len {config.max_model_len} exceeds the model's maximum length {limit}"
+        )
+    return config.max_model_len or limit
+
+
+def _fit_length(config: EngineConfig, limit: int, num_blocks: int) -> int:
+    capacity = num_blocks * config.block_size
+    if config.max_model_len is not None and config.max_model_len > capacity:
+        raise NanovllmError(
+            f"max_model_len {config.max_model_len} exceeds the KV cache capacity of {capacity} "
+            f"tokens (num_blocks {num_blocks} x block_size {config.block_size}); "
+            f"raise --num-blocks or lower --max-model-len"
+        )
+    # Without an explicit max_model_len, a lone sequence must still fit in the cache.
+    return min(limit, capacity)
+
+
+def num_kv_blocks(config: EngineConfig, backend: Backend, configs: list[ModelConfig]) -> int:
+    """`--num-blocks auto` sizes the KV cache from free device memory once the weights are
+    loaded, for the target and the draft model together (they share block tables); a backend
+    without device memory to size from gets the default."""
+    if config.num_blocks != "auto":
+        return config.num_blocks
+    memory = backend.memory_info()
+    if memory is None:
+        return DEFAULT_NUM_BLOCKS
+    from nanovllm.backends.memory import kv_blocks_for_memory
+
+    return kv_blocks_for_memory(config, configs, backend.dtype, *memory)
+
+
+def allocate_kv_cache(
+    backend: Backend, model_config: ModelConfig, num_blocks: int, block_size: int
+):
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
+
+
+def _proposer(config: EngineConfig, backend: Backend, draft, num_blocks: int, eos: list[int]):
+    if config.speculative_method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.speculative_method != "draft":
+        return None
+    kv = allocate_kv_cache(backend, draft.config, num_blocks, config.block_size)
+    runner = ModelRunner(draft, backend, kv, config.block_size, Sampler(config.seed + 1, backend), eos)  # fmt: skip
+    return DraftProposer(runner, eos)
+
+
+def _check_draft_vocabulary(config: EngineConfig, target: ModelConfig, draft: ModelConfig) -> None:
+    if draft.vocab_size != target.vocab_size:
+        raise NanovllmError(
+            f"draft model {config.draft_model} has a vocabulary of {draft.vocab_size} tokens but "
+            f"the target has {target.vocab_size}; speculative decoding needs a draft that shares "
+            f"the target's vocabulary"
+        )

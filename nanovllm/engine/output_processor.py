@@ -1,0 +1,166 @@
+"""OutputProcessor: sampled tokens into text and RequestOutputs.
+
+`process` appends each sequence's new tokens one at a time and applies the stop rules after
+each (stop token ids, EOS, stop strings through the incremental detokenizer, a finished
+constraint, max_tokens, the model's length), so a stop inside an accepted speculative run cuts
+it there. It records what the step added to each sequence; `output` then builds a request's
+RequestOutput from that record without changing anything, in the request's output kind:
+CUMULATIVE (everything so far, plus the step's delta), DELTA (only what is new, as vLLM's
+streaming does: a slow reader costs memory proportional to what it has not read, not to the
+square of the stream's length) or FINAL_ONLY (one output, at the end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.sampler import TokenLogprobs
+from nanovllm.engine.sequence import Request, Sequence
+from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
+from nanovllm.models.tokenizer import Tokenizer
+from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanovllm.sampling_params import RequestOutputKind
+
+
+@dataclass(slots=True)
+class TokenCounters:
+    prompt_tokens: int = 0  # of requests that produced their first token
+    generation_tokens: int = 0
+    finished_requests: int = 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: list[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.counters = TokenCounters()
+        self.step_index = 0
+
+    def add_sequence(self, seq: Sequence) -> None:
+        params = seq.params
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            seq.request.prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    # ---- the step ------------------------------------------------------------------------------
+    def process(self, step: SchedulerOutput, result: RunnerOutput, now: float) -> list[Request]:
+        """Append the step's tokens; the requests that have an output to report, in order."""
+        self.step_index += 1
+        touched: dict[str, Request] = {}
+        for item, sampled in zip(step.scheduled, result.seqs, strict=True):
+            if sampled.token_ids:
+                self._append_all(item.seq, sampled, now)
+                if self._reports(item.seq):
+                    touched[item.seq.request.request_id] = item.seq.request
+        return list(touched.values())
+
+    def _append_all(self, seq: Sequence, sampled: SampledSeq, now: float) -> None:
+        seq.delta_step, seq.delta_start = self.step_index, seq.num_output_tokens
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if seq.index == 0:
+                self.counters.prompt_tokens += seq.num_prompt_tokens
+        for token, logprobs in zip(sampled.token_ids, sampled.logprobs, strict=True):
+            self._append(seq, token, logprobs)
+            if seq.finish_reason is not None:
+                break
+        seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
+        request = seq.request
+        if seq.finish_reason is not None and request.is_finished:
+            request.finish_time = now
+            self.counters.finished_requests += 1
+
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        self.counters.generation_tokens += 1
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params, num_out = seq.params, seq.num_output_tokens
+        can_stop = num_out > params.min_tokens  # vLLM: stop rules apply from token min_tokens + 1
+        stop_token = can_stop and (
+            token in params.stop_token_ids
+            or (not params.ignore_eos and token in self.eos_token_ids)
+        )
+        if stop_token and not params.include_stop_str_in_output:
+            stop_string = None
+        else:
+            stop_string = seq.detokenizer.add_tokens([token], check_stop=can_stop)
+        if stop_token:
+            self._finish(seq, "stop", token if token in params.stop_token_ids else None)
+        elif stop_string is not None:
+            self._finish(seq, "stop", stop_string)
+        elif seq.constraint is not None and seq.constraint.is_finished:
+            self._finish(seq, "stop")
+        elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        # The flush may complete a stop string held back with a partial character.
+        late_stop = seq.detokenizer.finish()
+        if reason == "length" and late_stop is not None:
+            reason, stop_reason = "stop", late_stop
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    @staticmethod
+    def _reports(seq: Sequence) -> bool:
+        """FINAL_ONLY requests report once, when their last sequence finishes."""
+        request = seq.request
+        if request.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            return True
+        return seq.finish_reason is not None and request.is_finished
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def output(self, request: Request) -> RequestOutput:
+        """The request's RequestOutput after the latest step; changes nothing."""
+        first_times = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_token_time=min(first_times) if first_times else None,
+            finish_time=request.finish_time,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generation_tokens=sum(s.num_output_tokens for s in request.seqs),
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[self._completion(seq) for seq in request.seqs],
+            finished=request.is_finished,
+            metrics=metrics,
+        )
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        current = seq.delta_step == self.step_index  # else the latest step added nothing to it
+        start = seq.delta_start if current else seq.num_output_tokens
+        delta_ids = seq.token_ids[seq.num_prompt_tokens + start :]
+        delta_text = seq.delta_text if current else ""
+        want_logprobs = seq.params.logprobs is not None
+        delta_logprobs = seq.logprobs[start:] if want_logprobs else None
+        if seq.params.output_kind is RequestOutputKind.DELTA:
+            text, token_ids, logprobs = delta_text, delta_ids, delta_logprobs
+        else:
+            text, token_ids = seq.detokenizer.text, seq.output_token_ids
+            logprobs = list(seq.logprobs) if want_logprobs else None
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=logprobs,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            delta_logprobs=delta_logprobs,
+        )
