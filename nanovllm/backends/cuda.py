@@ -109,7 +109,7 @@ class CUDABackend:
     def embedding(self, ids: Array, weight: Array | QuantizedWeight) -> Array:
         if isinstance(weight, QuantizedWeight):
             flat = self._contiguous(ids, np.int64).reshape(-1)
-            rows = self._dequantize(weight, self.dtype, flat)
+            rows = self.dequantize(weight, self.dtype, flat)
             return rows.reshape(*ids.shape, weight.shape[1])
         return self.xp.take(weight, ids, axis=0)
 
@@ -124,7 +124,7 @@ class CUDABackend:
         if isinstance(weight, QuantizedWeight):
             out = self._quantized_linear(rows, weight, bias)
         elif len(rows) <= DENSE_KERNEL_MAX_ROWS or self._capturing():
-            out = self._matmul_kernel(rows, weight, bias)
+            out = self.matmul_kernel(rows, weight, bias)
         else:
             out = self._cublas_linear(rows, weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -133,15 +133,15 @@ class CUDABackend:
         if x.dtype not in (np.float32, np.float16):
             raise NanovllmError(f"GGUF matmuls take float32 or float16 activations, not {x.dtype}")
         if len(x) <= QUANTIZED_KERNEL_MAX_ROWS or self._capturing():
-            return self._matmul_kernel(x, weight, bias)
+            return self.matmul_kernel(x, weight, bias)
         rows, cols = weight.shape
         chunk = max(1, DEQUANTIZE_SCRATCH_BYTES // (cols * x.itemsize))
         if rows <= chunk:
-            return self._cublas_linear(x, self._dequantize(weight, x.dtype, scratch=True), bias)
+            return self._cublas_linear(x, self.dequantize(weight, x.dtype, scratch=True), bias)
         out = self.xp.empty((len(x), rows), dtype=x.dtype)
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
-            part = self._dequantize(weight, x.dtype, rows=(start, stop), scratch=True)
+            part = self.dequantize(weight, x.dtype, rows=(start, stop), scratch=True)
             out[:, start:stop] = self._cublas_linear(x, part, None)
         if bias is not None:
             out += bias
@@ -159,10 +159,11 @@ class CUDABackend:
             out += bias
         return out
 
-    def _matmul_kernel(
-        self, x: Array, weight: Array | QuantizedWeight, bias: Array | None
+    def matmul_kernel(
+        self, x: Array, weight: Array | QuantizedWeight, bias: Array | None = None
     ) -> Array:
-        """x @ weight.T (+ bias) on kernels/matmul.cu: float32 sums, bias added before the one
+        """[M, K] @ weight.T (+ bias) on kernels/matmul.cu, whatever M: what linear() runs for
+        few rows and inside a graph capture. Float32 sums; the bias is added before the one
         rounding to the dtype."""
         quantized = isinstance(weight, QuantizedWeight)
         x = self.xp.ascontiguousarray(x)
@@ -189,7 +190,7 @@ class CUDABackend:
         fn(grid, (MATMUL_THREADS,), args)
         return out
 
-    def _dequantize(
+    def dequantize(
         self,
         weight: QuantizedWeight,
         dtype: Any,
@@ -197,13 +198,16 @@ class CUDABackend:
         rows: tuple[int, int] | None = None,
         scratch: bool = False,
     ) -> Array:
-        """Rows of a GGUF matrix as dtype: those named by `ids` (an embedding lookup; an id out
-        of range gives zeros), or the range `rows` (default all), into the reused scratch
-        buffer when `scratch`."""
+        """Rows of a GGUF matrix as dtype (bit-exact with the `gguf` package): those named by
+        `ids` (an embedding lookup; an id out of range gives zeros), or the range `rows`
+        (default all); written into the reused scratch buffer when `scratch`, which the next
+        scratch use overwrites."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float16):
             raise NanovllmError(f"GGUF weights dequantize to float32 or float16, not {dtype}")
         start, stop = rows or (0, weight.shape[0])
+        if not 0 <= start <= stop <= weight.shape[0]:
+            raise NanovllmError(f"rows {start}..{stop} of a matrix of {weight.shape[0]} rows")
         data = weight.data[start:stop]
         count = len(ids) if ids is not None else stop - start
         cols = weight.shape[1]
