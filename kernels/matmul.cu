@@ -1,23 +1,24 @@
 // matmul.cu: y = x @ W^T (+ bias) for the few rows of a decode step, W dense or GGUF-quantized.
-// Memory-bound by design: a block owns 8 rows of W and up to 4 rows of x, so every weight byte
-// comes from DRAM once per step (for M > 4 the other row tiles' re-reads come from L2);
-// float32 accumulators; no shared memory, no barriers, no tensor cores, so it runs on the CPU
-// emulator and inside a CUDA graph, where CuPy refuses cuBLAS.
+// Memory-bound by design: a block owns up to 8 rows of W and up to 4 rows of x, so every weight
+// byte comes from DRAM once per step (for M > 4 the other row tiles' re-reads come from L2);
+// float32 accumulators; no tensor cores, so it runs on the CPU emulator, and inside a CUDA graph
+// where CuPy refuses cuBLAS.
 //
 // Entry points (T = float | __half | __nv_bfloat16 for SUFFIX = f32 | f16 | bf16; the GGUF
 // kernels only f32 | f16, the dtypes the CUDA backend computes in;
 // FORMAT = q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k):
-//   matmul_SUFFIX(out, x, weight, bias, M, N, K, vec)               W dense, of type T
-//   matmul_FORMAT_SUFFIX(out, x, weight, bias, M, N, K, row_bytes)  W the file's GGUF blocks
+//   matmul_SUFFIX(out, x, weight, bias, M, N, K, split, vec)               W dense, of type T
+//   matmul_FORMAT_SUFFIX(out, x, weight, bias, M, N, K, row_bytes, split)  W GGUF blocks
 //
-// Launch geometry:
-//   grid  = (ceil(M / 4) * ceil(N / 8),)  block b computes rows m0 = 4 (b % ceil(M / 4)) ...
-//           m0 + 3 of x against rows n0 = 8 (b / ceil(M / 4)) ... n0 + 7 of W: consecutive
-//           blocks share a weight tile, so the re-reads of a tile hit L2.
-//   block = (128,)  four warps; warp w owns weight rows n0 + 2w and n0 + 2w + 1. Its lanes take
-//           every 32nd unit of K (8 values of a dense W; one 32-value GGUF block or K-quant
-//           sub-block), keep 4 x 2 partial sums in registers, and reduce them with shuffles.
-//   shared memory: none
+// Launch geometry (split = 1, 2 or 4 warps per pair of weight rows; the glue picks it from K):
+//   grid  = (ceil(M / 4) * ceil(N / (8 / split)),)  block b computes rows m0 = 4 (b % ceil(M /
+//           4)) ... m0 + 3 of x against 8 / split rows of W from n = (8 / split) (b / ceil(M /
+//           4)): consecutive blocks share a weight tile, so its re-reads hit L2.
+//   block = (128,)  four warps; `split` of them share each pair of weight rows, each taking
+//           every (32 split)-th unit of K (8 values of a dense W; one 32-value GGUF block or
+//           K-quant sub-block): a short wide matrix (N = 1024, K = 3072) still puts enough
+//           loads in flight. Each lane keeps 4 x 2 sums; shuffles, then shared memory, add them.
+//   shared memory: 128 bytes, static (the warps' sums)
 //
 // Pointers:
 //   x       T, [M, K] contiguous; for the GGUF kernels 16-byte aligned (K is a multiple of 32,
@@ -26,8 +27,8 @@
 //           row K / 32 (K / 256 for the K-quants) blocks as stored in the file (gguf_blocks.cuh)
 //   bias    T, [N], or null
 //   out     T, [M, N] contiguous: the float32 sum over K of x * w, plus bias, rounded to T once
-//   M, N, K: int; row_bytes: long long; vec: int, nonzero when x and W may be read 16 bytes at a
-//           time (K % 8 == 0, both 16-byte aligned), else the dense kernel reads element-wise.
+//   M, N, K, split: int; row_bytes: long long; vec: int, nonzero when x and W may be read 16 bytes
+//           at a time (K % 8 == 0, both 16-byte aligned), else the dense kernel reads element-wise.
 #include "common.cuh"
 #include "gguf_blocks.cuh"
 
@@ -35,7 +36,6 @@ namespace nanovllm {
 
 constexpr int kMatmulWarps = 4;
 constexpr int kMatmulRowsPerWarp = 2;
-constexpr int kMatmulTileN = kMatmulWarps * kMatmulRowsPerWarp;  // the glue's grid depends on it
 constexpr int kMatmulTileM = 4;
 
 // Elements k..k+7 of a row of K elements as floats; zeros past K.
@@ -96,15 +96,18 @@ struct QuantizedFormat {
 
 template <class Format, typename T>
 __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight,
-                       long long row_stride, const T* bias, int M, int N, int K, bool vec) {
+                       long long row_stride, const T* bias, int M, int N, int K, int split,
+                       bool vec) {
   constexpr int kRows = kMatmulRowsPerWarp;
+  __shared__ float partial[kMatmulWarps][kMatmulTileM][kRows];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
+  const int pairs = kMatmulWarps / split;  // row pairs per block
   const int m_tiles = (M + kMatmulTileM - 1) / kMatmulTileM;
   const int m0 = (blockIdx.x % m_tiles) * kMatmulTileM;
-  const int n0 = (blockIdx.x / m_tiles) * kMatmulTileN + warp * kRows;
-  if (n0 >= N) return;  // the kernel has no barrier, so a warp may leave on its own
-  const int rows = min(kMatmulTileM, M - m0);
+  const int n_block = (blockIdx.x / m_tiles) * pairs * kRows;
+  const int n0 = n_block + (warp / split) * kRows;
+  const int rows = min(kMatmulTileM, M - m0);  // the same for the whole block
   const T* x_tile = x + (long long)m0 * K;
 
   float acc[kMatmulTileM][kRows];
@@ -114,16 +117,18 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
     for (int r = 0; r < kRows; ++r) acc[m][r] = 0.0f;
   }
 
+  // The `split` warps of a row pair take every (32 split)-th unit, from unit 32 (w % split).
   const int units = (K + Format::kUnitValues - 1) / Format::kUnitValues;
-  for (int unit = lane; unit < units; unit += kWarpSize) {
+  const int first = (warp % split) * kWarpSize + lane;
+  for (int unit = first; unit < units; unit += split * kWarpSize) {
     typename Format::Unit w_unit[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      // A row past N reads row n0 again: always valid memory, its sums are never stored.
-      const long long n = n0 + r < N ? n0 + r : n0;
+      // A row past N reads row N - 1 instead: valid memory, and its sums are never stored.
+      const long long n = min(n0 + r, N - 1);
       w_unit[r] = Format::load(weight + n * row_stride, unit, K, vec);
     }
-    // Not unrolled: one copy of the body below keeps the 16 quantized kernels' build short.
+    // Not unrolled: one copy of the body keeps the build of the 19 entry points short.
 #pragma unroll 1
     for (int group = 0; group < Format::kUnitValues / 8; ++group) {
       float w[kRows][8];
@@ -148,18 +153,28 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
     }
   }
 
+  // Each warp's sums, then the `split` warps of a row pair added in a fixed order.
 #pragma unroll
   for (int m = 0; m < kMatmulTileM; ++m) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      if (m < rows && n0 + r < N) {  // the same for every lane of the warp
+      if (m < rows) {
         const float total = warp_sum(acc[m][r]);
-        if (lane == m * kRows + r) {
-          const int n = n0 + r;
-          const float value = bias != nullptr ? total + to_float(bias[n]) : total;
-          out[(long long)(m0 + m) * N + n] = from_float<T>(value);
-        }
+        if (lane == 0) partial[warp][m][r] = total;
       }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < pairs * kMatmulTileM * kRows; i += blockDim.x) {
+    const int pair = i / (kMatmulTileM * kRows);
+    const int m = i / kRows % kMatmulTileM;
+    const int r = i % kRows;
+    const int n = n_block + pair * kRows + r;
+    if (m < rows && n < N) {
+      float value = 0.0f;
+      for (int p = 0; p < split; ++p) value += partial[pair * split + p][m][r];
+      if (bias != nullptr) value += to_float(bias[n]);
+      out[(long long)(m0 + m) * N + n] = from_float<T>(value);
     }
   }
 }
@@ -167,18 +182,19 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
 }  // namespace nanovllm
 
 #define NANOVLLM_DENSE_MATMUL_KERNEL(SUFFIX, T)                                                \
-  extern "C" __global__ void __launch_bounds__(128)                                            \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                            \
       matmul_##SUFFIX(T* out, const T* x, const T* weight, const T* bias, int M, int N, int K, \
-                      int vec) {                                                               \
-    nanovllm::matmul<nanovllm::DenseFormat<T>, T>(out, x, weight, K, bias, M, N, K, vec != 0); \
+                      int split, int vec) {                                                    \
+    nanovllm::matmul<nanovllm::DenseFormat<T>, T>(out, x, weight, K, bias, M, N, K, split,     \
+                                                  vec != 0);                                   \
   }
 
 #define NANOVLLM_QUANTIZED_MATMUL_KERNEL(FORMAT, BLOCK, SUFFIX, T)                              \
-  extern "C" __global__ void __launch_bounds__(128)                                             \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                             \
       matmul_##FORMAT##_##SUFFIX(T* out, const T* x, const unsigned char* weight, const T* bias, \
-                                 int M, int N, int K, long long row_bytes) {                     \
+                                 int M, int N, int K, long long row_bytes, int split) {          \
     nanovllm::matmul<nanovllm::QuantizedFormat<nanovllm::gguf::BLOCK>, T>(                      \
-        out, x, weight, row_bytes, bias, M, N, K, true);                                        \
+        out, x, weight, row_bytes, bias, M, N, K, split, true);                                 \
   }
 
 #define NANOVLLM_QUANTIZED_MATMUL_FORMATS(SUFFIX, T)        \

@@ -53,13 +53,18 @@ def assert_matches(results, dtype: str) -> None:
 
 
 def in_features_for(fmt: str) -> int:
-    """Past one warp's sweep of 32 units (1024 values), so lanes loop; not a multiple of it."""
-    return 1088 if GGUF_FORMATS[fmt][0] == 32 else 1280
+    """Not a multiple of any sweep of the warps over K: 65 blocks of 32 (two warps per row pair,
+    lanes loop), or 136 sub-blocks of the K-quants (four warps per row pair, lanes loop)."""
+    return 65 * 32 if GGUF_FORMATS[fmt][0] == 32 else 17 * 256
 
 
 # ---- dense --------------------------------------------------------------------------------
+# K sets how many warps share a pair of weight rows (kernel_library.matmul_geometry): 1 below
+# 64 units of 8 values, 2 below 128, else 4.
 DENSE_SHAPES = {
     "k200_16_byte_loads": dict(in_features=200),
+    "k520_two_warps_per_row_pair": dict(in_features=520, out_features=9),
+    "k1032_four_warps_per_row_pair": dict(in_features=1032, out_features=7),
     "k37_element_loads": dict(in_features=37, out_features=11),
     "k264_misaligned_x": dict(in_features=264, x_offset=1),
     "k8_n1_no_bias": dict(in_features=8, out_features=1, bias=False),

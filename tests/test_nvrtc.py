@@ -133,14 +133,24 @@ def test_attention_launch_constants_match_the_kernel_source() -> None:
 
 def test_matmul_launch_constants_match_the_kernel_source() -> None:
     """cuda.py sizes the matmul grid from these; a mismatch would leave outputs unwritten."""
-    from nanovllm.backends.kernel_library import MATMUL_THREADS, MATMUL_TILE_M, MATMUL_TILE_N
+    from nanovllm.backends.kernel_library import (
+        MATMUL_ROWS_PER_WARP,
+        MATMUL_THREADS,
+        MATMUL_TILE_M,
+        matmul_geometry,
+    )
 
     source = kernel_file_text("matmul.cu")
     constants = dict(re.findall(r"constexpr int (kMatmul\w+) = (\d+);", source))
     assert int(constants["kMatmulTileM"]) == MATMUL_TILE_M
     assert int(constants["kMatmulWarps"]) * 32 == MATMUL_THREADS
-    assert int(constants["kMatmulWarps"]) * int(constants["kMatmulRowsPerWarp"]) == MATMUL_TILE_N
-    assert "__launch_bounds__(128)" in source and MATMUL_THREADS == 128
+    assert int(constants["kMatmulRowsPerWarp"]) == MATMUL_ROWS_PER_WARP
+    bounds = re.findall(r"__launch_bounds__\((\d+)", source)
+    assert bounds and all(int(b) == MATMUL_THREADS for b in bounds)
+    # Qwen3-0.6B's o_proj at batch 1: 64 units of 32 per row, 2 warps per row pair, 4 rows a block.
+    assert matmul_geometry(1, 1024, 64) == (256, 2)
+    assert matmul_geometry(33, 19, 5) == (9 * 3, 1)
+    assert matmul_geometry(5, 19, 129) == (2 * 10, 4)
 
 
 def test_gguf_block_sizes_match_the_gguf_package() -> None:

@@ -30,10 +30,9 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_THREADS,
     DEQUANTIZE_THREADS,
     MATMUL_THREADS,
-    MATMUL_TILE_M,
-    MATMUL_TILE_N,
     KernelLibrary,
     attention_shared_bytes,
+    matmul_geometry,
 )
 from nanovllm.backends.quantized import QuantizedWeight, gguf_format, row_bytes
 from nanovllm.errors import NanovllmError
@@ -176,18 +175,20 @@ class CUDABackend:
             return out
         if bias is not None:
             bias = self._contiguous(bias, x.dtype)
-        grid = (-(-m // MATMUL_TILE_M) * -(-n // MATMUL_TILE_N),)
         sizes = (np.int32(m), np.int32(n), np.int32(k))
         if quantized:
+            blocks, split = matmul_geometry(m, n, k // 32)
             fn = self.kernels.function("matmul", f"matmul_{weight.format}_{_SUFFIX[x.dtype]}")
-            args = (out, x, weight.data, bias, *sizes, np.int64(weight.data.shape[1]))
+            row_bytes = np.int64(weight.data.shape[1])
+            args = (out, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
         else:
             _check_same_dtype(x, weight)
             weight = self._contiguous(weight, x.dtype)
+            blocks, split = matmul_geometry(m, n, -(-k // 8))
             vec = k % 8 == 0 and _address(x) % 16 == 0 and _address(weight) % 16 == 0
             fn = self._kernel("matmul", "matmul", x.dtype)
-            args = (out, x, weight, bias, *sizes, np.int32(vec))
-        fn(grid, (MATMUL_THREADS,), args)
+            args = (out, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
+        fn((blocks,), (MATMUL_THREADS,), args)
         return out
 
     def dequantize(

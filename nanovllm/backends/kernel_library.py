@@ -31,16 +31,26 @@ GGUF_FORMATS = {
     "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
     "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
 }  # fmt: skip
-# Launch constants of kernels/matmul.cu (kMatmulTileM, kMatmulTileN, 32 * kMatmulWarps) and
-# kernels/dequantize.cu (threads per block, 8 values per thread).
+# Launch constants of kernels/matmul.cu (kMatmulTileM, kMatmulRowsPerWarp, 32 * kMatmulWarps)
+# and kernels/dequantize.cu (threads per block, 8 values per thread).
 MATMUL_TILE_M = 4
-MATMUL_TILE_N = 8
+MATMUL_ROWS_PER_WARP = 2
 MATMUL_THREADS = 128
 DEQUANTIZE_THREADS = 256
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # Query vectors per paged-attention block: kQueryVectors in kernels/paged_attention.cu.
 ATTENTION_QUERY_VECTORS = 8
 ATTENTION_THREADS = 128
+
+
+def matmul_geometry(rows: int, out_features: int, units: int) -> tuple[int, int]:
+    """(blocks, split) of a kernels/matmul.cu launch: `split` warps share a pair of weight rows,
+    enough to give each lane about one of a row's `units` (8 dense values or a 32-value GGUF
+    block), so that even a short matrix has a load in flight on every lane."""
+    split = 4 if units >= 128 else 2 if units >= 64 else 1
+    rows_per_block = MATMUL_THREADS // 32 // split * MATMUL_ROWS_PER_WARP
+    m_tiles = -(-rows // MATMUL_TILE_M)
+    return m_tiles * -(-out_features // rows_per_block), split
 
 
 def attention_shared_bytes(head_dim: int) -> int:
