@@ -76,6 +76,20 @@ class CUDABackend:
         self.kernels = KernelLibrary(emulated, emulator_options)
         self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
 
+    # ---- arrays ------------------------------------------------------------------------------
+    def asarray(self, x: np.ndarray, dtype: Any = None) -> Array:
+        if dtype is not None and np.dtype(dtype) == np.float16:
+            _warn_if_overflows_float16(x)
+        with np.errstate(over="ignore"):  # warned about above, with the weight's shape
+            return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return x.get() if hasattr(x, "get") else np.asarray(x)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
+        return self.xp.zeros(shape, dtype=dtype or self.dtype)
+
+    # ---- embedding and matmuls ---------------------------------------------------------------
     def quantized_weight(
         self, qtype: Any, shape: tuple[int, int], data: np.ndarray
     ) -> QuantizedWeight:
@@ -91,24 +105,9 @@ class CUDABackend:
             )
         return QuantizedWeight(fmt, (rows, cols), self.xp.ascontiguousarray(self.xp.asarray(data)))
 
-    # ---- arrays ------------------------------------------------------------------------------
-    def asarray(self, x: np.ndarray, dtype: Any = None) -> Array:
-        if dtype is not None and np.dtype(dtype) == np.float16:
-            _warn_if_overflows_float16(x)
-        with np.errstate(over="ignore"):  # warned about above, with the weight's shape
-            return self.xp.ascontiguousarray(self.xp.asarray(x, dtype=dtype))
-
-    def to_numpy(self, x: Array) -> np.ndarray:
-        return x.get() if hasattr(x, "get") else np.asarray(x)
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
-        return self.xp.zeros(shape, dtype=dtype or self.dtype)
-
-    # ---- embedding and matmuls ---------------------------------------------------------------
     def embedding(self, ids: Array, weight: Array | QuantizedWeight) -> Array:
         if isinstance(weight, QuantizedWeight):
-            flat = self._contiguous(ids, np.int64).reshape(-1)
-            rows = self.dequantize(weight, self.dtype, flat)
+            rows = self.dequantize(weight, self.dtype, ids)
             return rows.reshape(*ids.shape, weight.shape[1])
         return self.xp.take(weight, ids, axis=0)
 
@@ -129,8 +128,7 @@ class CUDABackend:
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def _quantized_linear(self, x: Array, weight: QuantizedWeight, bias: Array | None) -> Array:
-        if x.dtype not in (np.float32, np.float16):
-            raise NanovllmError(f"GGUF matmuls take float32 or float16 activations, not {x.dtype}")
+        _check_gguf_dtype(x.dtype)
         if len(x) <= QUANTIZED_KERNEL_MAX_ROWS or self._capturing():
             return self.matmul_kernel(x, weight, bias)
         rows, cols = weight.shape
@@ -165,6 +163,8 @@ class CUDABackend:
         few rows and inside a graph capture. Float32 sums; the bias is added before the one
         rounding to the dtype."""
         quantized = isinstance(weight, QuantizedWeight)
+        if quantized:
+            _check_gguf_dtype(x.dtype)
         x = self.xp.ascontiguousarray(x)
         if quantized and _address(x) % 16:
             x = x.copy()  # the GGUF kernels read x 16 bytes at a time; a new array is aligned
@@ -203,13 +203,13 @@ class CUDABackend:
         `ids` (an embedding lookup; an id out of range gives zeros), or the range `rows`
         (default all); written into the reused scratch buffer when `scratch`, which the next
         scratch use overwrites."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float16):
-            raise NanovllmError(f"GGUF weights dequantize to float32 or float16, not {dtype}")
+        dtype = _check_gguf_dtype(dtype)
         start, stop = rows or (0, weight.shape[0])
         if not 0 <= start <= stop <= weight.shape[0]:
             raise NanovllmError(f"rows {start}..{stop} of a matrix of {weight.shape[0]} rows")
         data = weight.data[start:stop]
+        if ids is not None:
+            ids = self._contiguous(ids, np.int64).reshape(-1)
         count = len(ids) if ids is not None else stop - start
         cols = weight.shape[1]
         out = self._scratch_rows(count, cols, dtype) if scratch else None
@@ -418,6 +418,14 @@ def _address(x: Array) -> int:
 def _threads(work: int, limit: int = 1024) -> int:
     """Threads per block for `work` independent items: a multiple of 32, at most `limit`."""
     return max(32, min(limit, -(-work // 32) * 32))
+
+
+def _check_gguf_dtype(dtype: Any) -> np.dtype:
+    """The GGUF kernels take and give the dtypes the backend computes in."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise NanovllmError(f"GGUF kernels work in float32 or float16, not {dtype}")
+    return dtype
 
 
 def _check_same_dtype(a: Array, b: Array) -> None:
