@@ -17,8 +17,8 @@
 //   block = (128,)  four warps; `split` of them share each pair of weight rows, each taking
 //           every (32 split)-th unit of K (8 values of a dense W; one 32-value GGUF block or
 //           K-quant sub-block): a short wide matrix (N = 1024, K = 3072) still puts enough
-//           loads in flight. Each lane keeps 4 x 2 sums; shuffles, then shared memory, add them.
-//   shared memory: 128 bytes, static (the warps' sums)
+//           loads in flight. Each lane keeps 4 x 2 sums, added up through shared memory.
+//   shared memory: 4.5 KB, static (the lanes' sums, then quarter sums)
 //
 // Pointers:
 //   x       T, [M, K] contiguous; for the GGUF kernels 16-byte aligned (K is a multiple of 32,
@@ -99,7 +99,6 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
                        long long row_stride, const T* bias, int M, int N, int K, int split,
                        bool vec) {
   constexpr int kRows = kMatmulRowsPerWarp;
-  __shared__ float partial[kMatmulWarps][kMatmulTileM][kRows];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int pairs = kMatmulWarps / split;  // row pairs per block
@@ -153,26 +152,37 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
     }
   }
 
-  // Each warp's sums, then the `split` warps of a row pair added in a fixed order.
+  // The block's 4 x 8 x 32 partial sums go through shared memory in two rounds: each thread
+  // adds 8 of them, then one thread per output adds the 4 split results of its row. No shuffles
+  // (as fast on a GPU as a shuffle tree here, and far cheaper on the emulator); a fixed order.
+  constexpr int kSums = kMatmulTileM * kRows;  // per lane
+  // Rows padded to 33 floats: the 8 consecutive values each thread reads below then fall in
+  // distinct banks across a warp.
+  __shared__ float partial[kMatmulWarps * kSums][kWarpSize + 1];
+  __shared__ float quarter[kMatmulWarps * kWarpSize];
 #pragma unroll
   for (int m = 0; m < kMatmulTileM; ++m) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (m < rows) {
-        const float total = warp_sum(acc[m][r]);
-        if (lane == 0) partial[warp][m][r] = total;
-      }
-    }
+    for (int r = 0; r < kRows; ++r) partial[warp * kSums + m * kRows + r][lane] = acc[m][r];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < pairs * kMatmulTileM * kRows; i += blockDim.x) {
-    const int pair = i / (kMatmulTileM * kRows);
-    const int m = i / kRows % kMatmulTileM;
+  const int t = threadIdx.x;  // adds lanes 8 (t % 4) ... + 7 of sum t / 4
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum += partial[t / 4][8 * (t % 4) + j];
+  quarter[t] = sum;
+  __syncthreads();
+  for (int i = t; i < pairs * kSums; i += blockDim.x) {
+    const int pair = i / kSums;
+    const int m = i % kSums / kRows;
     const int r = i % kRows;
     const int n = n_block + pair * kRows + r;
     if (m < rows && n < N) {
       float value = 0.0f;
-      for (int p = 0; p < split; ++p) value += partial[pair * split + p][m][r];
+      for (int w = pair * split; w < (pair + 1) * split; ++w) {
+        const float* q = &quarter[4 * (w * kSums + m * kRows + r)];
+        value += (q[0] + q[1]) + (q[2] + q[3]);
+      }
       if (bias != nullptr) value += to_float(bias[n]);
       out[(long long)(m0 + m) * N + n] = from_float<T>(value);
     }
