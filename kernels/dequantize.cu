@@ -64,15 +64,15 @@ __device__ void dequantize(T* out, const unsigned char* weight, const long long*
 
 }  // namespace nanovllm
 
-#define NANOVLLM_DEQUANTIZE_KERNEL(FORMAT, BLOCK, SUFFIX, T)                                   \
-  extern "C" __global__ void dequantize_##FORMAT##_##SUFFIX(                                   \
+#define NANOVLLM_DEQUANTIZE_KERNEL(FORMAT, BLOCK, SUFFIX, T)                                    \
+  extern "C" __global__ void dequantize_##FORMAT##_##SUFFIX(                                    \
       T* out, const unsigned char* weight, const long long* row_ids, int rows, int weight_rows, \
-      int K, long long row_bytes) {                                                            \
-    nanovllm::dequantize<nanovllm::gguf::BLOCK, T>(out, weight, row_ids, rows, weight_rows, K, \
-                                                   row_bytes);                                 \
+      int K, long long row_bytes) {                                                             \
+    nanovllm::dequantize<nanovllm::gguf::BLOCK, T>(out, weight, row_ids, rows, weight_rows, K,  \
+                                                   row_bytes);                                  \
   }
 
-#define NANOVLLM_DEQUANTIZE_FORMATS(SUFFIX, T)        \
+#define NANOVLLM_DEQUANTIZE_FORMATS(SUFFIX, T)      \
   NANOVLLM_DEQUANTIZE_KERNEL(q8_0, Q8_0, SUFFIX, T) \
   NANOVLLM_DEQUANTIZE_KERNEL(q4_0, Q4_0, SUFFIX, T) \
   NANOVLLM_DEQUANTIZE_KERNEL(q4_1, Q4_1, SUFFIX, T) \

@@ -3,10 +3,10 @@
 // A quantized matrix is the file's bytes as they are: row n of a [N, K] weight is K / 32 (or
 // K / 256 for the K-quants) blocks, `row_bytes` bytes in all. Each format below reads one
 // *unit* of 32 consecutive values of a row into registers (`load`) and expands 8 of them at a
-// time into floats (`values8`, then `next_group`). A unit is a whole block for the 32-value formats and one
-// 32-value sub-block of a 256-value super-block for Q4_K, Q5_K and Q6_K. Layouts follow
-// llama.cpp's ggml-common.h (block_q4_0 ... block_q6_K); the arithmetic follows the `gguf`
-// package's dequantize_blocks, the tests' oracle:
+// time into floats (`values8`, then `next_group` moves the next 8 to the front). A unit is a
+// whole block for the 32-value formats and one 32-value sub-block of a 256-value super-block
+// for Q4_K, Q5_K and Q6_K. Layouts follow llama.cpp's ggml-common.h (block_q4_0 ...
+// block_q6_K); the arithmetic follows the `gguf` package's dequantize_blocks, the tests' oracle:
 //
 //   Q8_0  34 B: d (f16), qs[32] int8                           w = q * d
 //   Q4_0  18 B: d, qs[16] (value j: low nibble of qs[j % 16] for j < 16, high nibble above)

@@ -116,7 +116,7 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
     for (int r = 0; r < kRows; ++r) acc[m][r] = 0.0f;
   }
 
-  // The `split` warps of a row pair take every (32 split)-th unit, from unit 32 (w % split).
+  // Warp w takes unit 32 (w % split) + lane, then every (32 split)-th one after it.
   const int units = (K + Format::kUnitValues - 1) / Format::kUnitValues;
   const int first = (warp % split) * kWarpSize + lane;
   for (int unit = first; unit < units; unit += split * kWarpSize) {
@@ -156,6 +156,7 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
   // adds 8 of them, then one thread per output adds the 4 split results of its row. No shuffles
   // (as fast on a GPU as a shuffle tree here, and far cheaper on the emulator); a fixed order.
   constexpr int kSums = kMatmulTileM * kRows;  // per lane
+  static_assert(kMatmulWarps * kSums * 4 == kMatmulWarps * kWarpSize, "4 threads per sum");
   // Rows padded to 33 floats: the 8 consecutive values each thread reads below then fall in
   // distinct banks across a warp.
   __shared__ float partial[kMatmulWarps * kSums][kWarpSize + 1];
@@ -192,22 +193,22 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
 }  // namespace nanovllm
 
 #define NANOVLLM_DENSE_MATMUL_KERNEL(SUFFIX, T)                                                \
-  extern "C" __global__ void __launch_bounds__(128, 1)                                            \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                         \
       matmul_##SUFFIX(T* out, const T* x, const T* weight, const T* bias, int M, int N, int K, \
                       int split, int vec) {                                                    \
     nanovllm::matmul<nanovllm::DenseFormat<T>, T>(out, x, weight, K, bias, M, N, K, split,     \
                                                   vec != 0);                                   \
   }
 
-#define NANOVLLM_QUANTIZED_MATMUL_KERNEL(FORMAT, BLOCK, SUFFIX, T)                              \
-  extern "C" __global__ void __launch_bounds__(128, 1)                                             \
+#define NANOVLLM_QUANTIZED_MATMUL_KERNEL(FORMAT, BLOCK, SUFFIX, T)                               \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                           \
       matmul_##FORMAT##_##SUFFIX(T* out, const T* x, const unsigned char* weight, const T* bias, \
                                  int M, int N, int K, long long row_bytes, int split) {          \
-    nanovllm::matmul<nanovllm::QuantizedFormat<nanovllm::gguf::BLOCK>, T>(                      \
-        out, x, weight, row_bytes, bias, M, N, K, split, true);                                 \
+    nanovllm::matmul<nanovllm::QuantizedFormat<nanovllm::gguf::BLOCK>, T>(                       \
+        out, x, weight, row_bytes, bias, M, N, K, split, true);                                  \
   }
 
-#define NANOVLLM_QUANTIZED_MATMUL_FORMATS(SUFFIX, T)        \
+#define NANOVLLM_QUANTIZED_MATMUL_FORMATS(SUFFIX, T)      \
   NANOVLLM_QUANTIZED_MATMUL_KERNEL(q8_0, Q8_0, SUFFIX, T) \
   NANOVLLM_QUANTIZED_MATMUL_KERNEL(q4_0, Q4_0, SUFFIX, T) \
   NANOVLLM_QUANTIZED_MATMUL_KERNEL(q4_1, Q4_1, SUFFIX, T) \
