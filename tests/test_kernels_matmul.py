@@ -111,10 +111,34 @@ def test_gguf_matmul_under_asan(emulated, fmt) -> None:
     assert_matches(results, "float16")
 
 
-def test_gguf_matmul_copies_a_misaligned_x_for_its_16_byte_loads(emulated) -> None:
+def test_16_byte_loads_only_from_aligned_arrays(monkeypatch) -> None:
+    """A misaligned 16-byte load works on the emulator's x86 host but faults on a GPU, so the
+    glue's choice is checked directly: the dense kernel is told to read element by element
+    (vec = 0), the GGUF kernel, which always reads 16 bytes, gets an aligned copy of x."""
+    backend = CUDABackend("float32", emulated=True)
+    launches = []
+    function = backend.kernels.function
+
+    def spy(family, name):
+        fn = function(family, name)
+
+        def launch(grid, block, args, shared_mem=0):
+            launches.append((name, args[1].ctypes.data % 16, int(args[-1])))
+            fn(grid, block, args, shared_mem=shared_mem)
+
+        return launch
+
+    monkeypatch.setattr(backend.kernels, "function", spy)
     rng = np.random.default_rng(5)
-    results = case_quantized_matmul(emulated("asan"), "float32", rng, "q8_0", rows=(3,), x_offset=1)
-    assert_matches(results, "float32")
+    for offset in (0, 1):
+        assert_matches(case_matmul(backend, "float32", rng, (3,), x_offset=offset), "float32")
+        results = case_quantized_matmul(backend, "float32", rng, "q8_0", (3,), x_offset=offset)
+        assert_matches(results, "float32")
+    # (kernel, x address mod 16, last argument: vec for the dense kernel, split for GGUF)
+    assert launches == [
+        ("matmul_f32", 0, 1), ("matmul_q8_0_f32", 0, 1),
+        ("matmul_f32", 4, 0), ("matmul_q8_0_f32", 0, 1),
+    ]  # fmt: skip
 
 
 # ---- GGUF dequantize -----------------------------------------------------------------------
