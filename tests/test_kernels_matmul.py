@@ -112,9 +112,10 @@ def test_gguf_matmul_under_asan(emulated, fmt) -> None:
 
 
 def test_16_byte_loads_only_from_aligned_arrays(monkeypatch) -> None:
-    """A misaligned 16-byte load works on the emulator's x86 host but faults on a GPU, so the
-    glue's choice is checked directly: the dense kernel is told to read element by element
-    (vec = 0), the GGUF kernel, which always reads 16 bytes, gets an aligned copy of x."""
+    """A misaligned 16-byte load faults on a GPU (on the emulator g++ may make it an aligned SSE
+    load that kills the process, or may not), so the glue's choice is checked on the launch
+    arguments: the dense kernel is told to read element by element (vec = 0), the GGUF kernel,
+    which always reads 16 bytes, gets an aligned copy of x."""
     backend = CUDABackend("float32", emulated=True)
     launches = []
     function = backend.kernels.function
