@@ -1,4 +1,4 @@
-"""The CUDA backend: CuPy arrays, matmuls through CuPy (cuBLAS), every fused op a kernel of kernels/.
+"""The CUDA backend: CuPy arrays, every op a kernel of kernels/, cuBLAS (through CuPy) for large matmuls.
 
 The same class runs on the emulated device ("cuda-emulated"): NumPy arrays stand in for CuPy
 arrays and the CPU emulator's modules for CuPy's RawModules, so the launch code below (grid,
@@ -8,6 +8,11 @@ Kernels are picked by the dtype of their inputs: float32, float16, or bfloat16 s
 (neither NumPy nor CuPy has a bfloat16 dtype). The backend computes in float16 by default or in
 float32; bfloat16 checkpoints are converted at load. Kernel scalars are passed as NumPy scalars
 of the width the kernel declares (CuPy would pass a Python int as a 64-bit integer).
+
+Matmuls: a decode step's few rows run on kernels/matmul.cu, which reads each weight byte once
+(and is what a CUDA graph may hold: CuPy refuses cuBLAS while a stream is capturing); more rows
+go to cuBLAS. GGUF weights stay in their file's blocks (`quantized_weight`): decoded in
+registers for few rows, dequantized into a reused scratch buffer for cuBLAS otherwise.
 """
 
 from __future__ import annotations
@@ -23,15 +28,31 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_HEAD_DIMS,
     ATTENTION_QUERY_VECTORS,
     ATTENTION_THREADS,
+    DEQUANTIZE_THREADS,
+    MATMUL_THREADS,
     KernelLibrary,
     attention_shared_bytes,
+    matmul_geometry,
 )
+from nanovllm.backends.quantized import QuantizedWeight, gguf_format, row_bytes
 from nanovllm.errors import NanovllmError
 
 Array = Any
 COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
+
+# Rows up to which an eager linear() runs on our matmul kernels rather than cuBLAS (a captured
+# decode graph uses them at every row count). Up to 8 rows a float16 weight costs at most 4
+# FMAs per byte, which CUDA cores sustain at full memory bandwidth; past that cuBLAS' tensor
+# cores win. A GGUF weight read by cuBLAS must first be dequantized (about 4.5 bytes moved per
+# value instead of ~0.6), so our kernel stays ahead to about 16 rows. docs/kernels.md has the
+# arithmetic.
+DENSE_KERNEL_MAX_ROWS = 8
+QUANTIZED_KERNEL_MAX_ROWS = 16
+# The dequantized weight of a large-M GGUF matmul goes into one reused buffer of at most this
+# size; a larger matrix (an LM head) is dequantized and multiplied a slice of rows at a time.
+DEQUANTIZE_SCRATCH_BYTES = 64 * 2**20
 
 
 class CUDABackend:
@@ -53,6 +74,7 @@ class CUDABackend:
         self.emulated = emulated
         self.xp = np if emulated else _cupy()
         self.kernels = KernelLibrary(emulated, emulator_options)
+        self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
 
     # ---- capabilities ------------------------------------------------------------------------
     supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)
@@ -93,21 +115,157 @@ class CUDABackend:
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
         return self.xp.zeros(shape, dtype=dtype or self.dtype)
 
-    # ---- ops through CuPy -------------------------------------------------------------------
-    def embedding(self, ids: Array, weight: Array) -> Array:
+    # ---- embedding and matmuls ---------------------------------------------------------------
+    def quantized_weight(
+        self, qtype: Any, shape: tuple[int, int], data: np.ndarray
+    ) -> QuantizedWeight:
+        """A GGUF matrix for linear() and embedding(): `data` holds its rows exactly as the file
+        stores them, uint8 [rows, row_bytes], and is uploaded unchanged."""
+        fmt = gguf_format(qtype)
+        rows, cols = (int(n) for n in shape)
+        expected = (rows, row_bytes(fmt, cols))
+        if data.dtype != np.uint8 or tuple(data.shape) != expected:
+            raise NanovllmError(
+                f"a {fmt.upper()} matrix of shape {(rows, cols)} is uint8 {expected}, got "
+                f"{data.dtype} {tuple(data.shape)}"
+            )
+        return QuantizedWeight(fmt, (rows, cols), self.xp.ascontiguousarray(self.xp.asarray(data)))
+
+    def embedding(self, ids: Array, weight: Array | QuantizedWeight) -> Array:
+        if isinstance(weight, QuantizedWeight):
+            rows = self.dequantize(weight, self.dtype, ids)
+            return rows.reshape(*ids.shape, weight.shape[1])
         return self.xp.take(weight, ids, axis=0)
 
-    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
-        if self.emulated and x.dtype == np.float16:
-            # NumPy has no float16 GEMM with a float32 accumulator; cuBLAS (through CuPy) has.
-            out = x.astype(np.float32) @ weight.T.astype(np.float32)
-            if bias is not None:
-                out += bias
-            return out.astype(np.float16)
-        out = x @ weight.T
+    def linear(self, x: Array, weight: Array | QuantizedWeight, bias: Array | None = None) -> Array:
+        in_features = weight.shape[1]
+        if x.shape[-1] != in_features:
+            raise NanovllmError(
+                f"linear: input has {x.shape[-1]} features, the weight {tuple(weight.shape)} "
+                f"takes {in_features}"
+            )
+        rows = x.reshape(-1, in_features)
+        if isinstance(weight, QuantizedWeight):
+            out = self._quantized_linear(rows, weight, bias)
+        elif len(rows) <= DENSE_KERNEL_MAX_ROWS or self._capturing():
+            out = self.matmul_kernel(rows, weight, bias)
+        else:
+            out = self._cublas_linear(rows, weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def _quantized_linear(self, x: Array, weight: QuantizedWeight, bias: Array | None) -> Array:
+        _check_gguf_dtype(x.dtype)
+        if len(x) <= QUANTIZED_KERNEL_MAX_ROWS or self._capturing():
+            return self.matmul_kernel(x, weight, bias)
+        rows, cols = weight.shape
+        chunk = max(1, DEQUANTIZE_SCRATCH_BYTES // (cols * x.itemsize))
+        if rows <= chunk:
+            return self._cublas_linear(x, self.dequantize(weight, x.dtype, scratch=True), bias)
+        out = self.xp.empty((len(x), rows), dtype=x.dtype)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            part = self.dequantize(weight, x.dtype, rows=(start, stop), scratch=True)
+            out[:, start:stop] = self._cublas_linear(x, part, None)
         if bias is not None:
             out += bias
         return out
+
+    def _cublas_linear(self, x: Array, weight: Array, bias: Array | None) -> Array:
+        """x @ weight.T through CuPy (cuBLAS: float32 accumulation, output rounded to the dtype),
+        then the bias added in the dtype, as CuPy does on a GPU."""
+        if self.emulated and x.dtype == np.float16:
+            # NumPy has no float16 GEMM with a float32 accumulator; cuBLAS (through CuPy) has.
+            out = (x.astype(np.float32) @ weight.T.astype(np.float32)).astype(np.float16)
+        else:
+            out = x @ weight.T
+        if bias is not None:
+            out += bias
+        return out
+
+    def matmul_kernel(
+        self, x: Array, weight: Array | QuantizedWeight, bias: Array | None = None
+    ) -> Array:
+        """[M, K] @ weight.T (+ bias) on kernels/matmul.cu, whatever M: what linear() runs for
+        few rows and inside a graph capture. Float32 sums; the bias is added before the one
+        rounding to the dtype."""
+        quantized = isinstance(weight, QuantizedWeight)
+        if quantized:
+            _check_gguf_dtype(x.dtype)
+        x = self.xp.ascontiguousarray(x)
+        if quantized and _address(x) % 16:
+            x = x.copy()  # the GGUF kernels read x 16 bytes at a time; a new array is aligned
+        m, k = x.shape
+        n = weight.shape[0]
+        out = self.xp.empty((m, n), dtype=x.dtype)
+        if m == 0 or n == 0:
+            return out
+        if bias is not None:
+            bias = self._contiguous(bias, x.dtype)
+        sizes = (np.int32(m), np.int32(n), np.int32(k))
+        if quantized:
+            blocks, split = matmul_geometry(m, n, k // 32)
+            fn = self.kernels.function("matmul", f"matmul_{weight.format}_{_SUFFIX[x.dtype]}")
+            row_bytes = np.int64(weight.data.shape[1])
+            args = (out, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
+        else:
+            _check_same_dtype(x, weight)
+            weight = self._contiguous(weight, x.dtype)
+            blocks, split = matmul_geometry(m, n, -(-k // 8))
+            vec = k % 8 == 0 and _address(x) % 16 == 0 and _address(weight) % 16 == 0
+            fn = self._kernel("matmul", "matmul", x.dtype)
+            args = (out, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
+        fn((blocks,), (MATMUL_THREADS,), args)
+        return out
+
+    def dequantize(
+        self,
+        weight: QuantizedWeight,
+        dtype: Any,
+        ids: Array | None = None,
+        rows: tuple[int, int] | None = None,
+        scratch: bool = False,
+    ) -> Array:
+        """Rows of a GGUF matrix as dtype (bit-exact with the `gguf` package): those named by
+        `ids` (an embedding lookup; an id out of range gives zeros), or the range `rows`
+        (default all); written into the reused scratch buffer when `scratch`, which the next
+        scratch use overwrites."""
+        dtype = _check_gguf_dtype(dtype)
+        start, stop = rows or (0, weight.shape[0])
+        if not 0 <= start <= stop <= weight.shape[0]:
+            raise NanovllmError(f"rows {start}..{stop} of a matrix of {weight.shape[0]} rows")
+        data = weight.data[start:stop]
+        if ids is not None:
+            ids = self._contiguous(ids, np.int64).reshape(-1)
+        count = len(ids) if ids is not None else stop - start
+        cols = weight.shape[1]
+        out = self._scratch_rows(count, cols, dtype) if scratch else None
+        if out is None:
+            out = self.xp.empty((count, cols), dtype=dtype)
+        if count:
+            fn = self.kernels.function("dequantize", f"dequantize_{weight.format}_{_SUFFIX[dtype]}")
+            threads = count * cols // 8
+            args = (
+                out, data, ids, np.int32(count), np.int32(len(data)), np.int32(cols),
+                np.int64(data.shape[1]),
+            )  # fmt: skip
+            fn((-(-threads // DEQUANTIZE_THREADS),), (DEQUANTIZE_THREADS,), args)
+        return out
+
+    def _scratch_rows(self, count: int, cols: int, dtype: Any) -> Array:
+        """A [count, cols] view of the reused scratch buffer, grown when too small. Work on one
+        stream runs in order, so a matmul is done with it before the next dequantize writes."""
+        size = count * cols * np.dtype(dtype).itemsize
+        if self._scratch is None or self._scratch.nbytes < size:
+            self._scratch = None  # let the pool reuse the old buffer's memory
+            self._scratch = self.xp.empty(size, dtype=np.uint8)
+        return self._scratch[:size].view(dtype).reshape(count, cols)
+
+    def _capturing(self) -> bool:
+        """Whether the current stream is being captured into a CUDA graph, where CuPy refuses
+        cuBLAS (so every matmul must run on our kernels). Asked of `xp`, so a test stand-in for
+        CuPy can answer on the emulated device too."""
+        cuda = getattr(self.xp, "cuda", None)
+        return cuda is not None and bool(cuda.get_current_stream().is_capturing())
 
     # ---- ops through kernels/ ---------------------------------------------------------------
     def rms_norm(
@@ -280,9 +438,23 @@ def _cupy():
     return cupy
 
 
+def _address(x: Array) -> int:
+    """The device (or host, on the emulated device) address of an array's first element."""
+    data = x.data
+    return data.ptr if hasattr(data, "ptr") else x.ctypes.data
+
+
 def _threads(work: int, limit: int = 1024) -> int:
     """Threads per block for `work` independent items: a multiple of 32, at most `limit`."""
     return max(32, min(limit, -(-work // 32) * 32))
+
+
+def _check_gguf_dtype(dtype: Any) -> np.dtype:
+    """The GGUF kernels take and give the dtypes the backend computes in."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise NanovllmError(f"GGUF kernels work in float32 or float16, not {dtype}")
+    return dtype
 
 
 def _check_same_dtype(a: Array, b: Array) -> None:

@@ -20,11 +20,37 @@ from typing import Any
 from nanovllm.errors import NanovllmError
 
 # One file per op family; each defines `extern "C"` entry points per dtype (and head_dim).
-KERNEL_FILES = ("paged_attention", "cache", "norm", "rotary", "activation")
+KERNEL_FILES = (
+    "paged_attention", "cache", "norm", "rotary", "activation", "matmul", "dequantize",
+)  # fmt: skip
+DTYPE_SUFFIXES = ("f32", "f16", "bf16")
+# The GGUF kernels take the dtypes the CUDA backend computes in (it refuses bfloat16).
+GGUF_DTYPE_SUFFIXES = ("f32", "f16")
+# The GGUF block formats kernels/gguf_blocks.cuh decodes: name -> (values, bytes) per block.
+GGUF_FORMATS = {
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+}  # fmt: skip
+# Launch constants of kernels/matmul.cu (kMatmulTileM, kMatmulRowsPerWarp, 32 * kMatmulWarps)
+# and kernels/dequantize.cu (threads per block, 8 values per thread).
+MATMUL_TILE_M = 4
+MATMUL_ROWS_PER_WARP = 2
+MATMUL_THREADS = 128
+DEQUANTIZE_THREADS = 256
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # Query vectors per paged-attention block: kQueryVectors in kernels/paged_attention.cu.
 ATTENTION_QUERY_VECTORS = 8
 ATTENTION_THREADS = 128
+
+
+def matmul_geometry(rows: int, out_features: int, units: int) -> tuple[int, int]:
+    """(blocks, split) of a kernels/matmul.cu launch: `split` warps share a pair of weight rows,
+    enough to give each lane about one of a row's `units` (8 dense values or a 32-value GGUF
+    block), so that even a short matrix has a load in flight on every lane."""
+    split = 4 if units >= 128 else 2 if units >= 64 else 1
+    rows_per_block = MATMUL_THREADS // 32 // split * MATMUL_ROWS_PER_WARP
+    m_tiles = -(-rows // MATMUL_TILE_M)
+    return m_tiles * -(-out_features // rows_per_block), split
 
 
 def attention_shared_bytes(head_dim: int) -> int:
@@ -44,14 +70,22 @@ def kernel_file_text(name: str) -> str:
 
 @functools.cache
 def kernel_source(family: str) -> str:
-    """kernels/<family>.cu with its local includes pasted in; #line keeps error lines right."""
-    text = kernel_file_text(f"{family}.cu")
+    """kernels/<family>.cu with its local includes pasted in (recursively, each header once);
+    #line directives keep error lines right."""
+    return _pasted(f"{family}.cu", set())
+
+
+def _pasted(name: str, seen: set[str]) -> str:
+    text = kernel_file_text(name)
     out, last = [], 0
     for match in _INCLUDE.finditer(text):
         header = match.group(1)
         resume = text.count("\n", 0, match.end()) + 2  # the line after the #include
         out.append(text[last : match.start()])
-        out.append(f'#line 1 "{header}"\n{kernel_file_text(header)}\n#line {resume} "{family}.cu"')
+        if header not in seen:
+            seen.add(header)
+            out.append(f'#line 1 "{header}"\n{_pasted(header, seen)}\n')
+        out.append(f'#line {resume} "{name}"')
         last = match.end()
     out.append(text[last:])
     return "".join(out)
@@ -88,7 +122,12 @@ def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:
 
 def entry_points(family: str) -> list[str]:
     """The `extern "C"` kernel names a family's file defines."""
-    suffixes = ("f32", "f16", "bf16")
+    suffixes = DTYPE_SUFFIXES
+    if family == "matmul":
+        quantized = [f"matmul_{f}_{s}" for s in GGUF_DTYPE_SUFFIXES for f in GGUF_FORMATS]
+        return [f"matmul_{s}" for s in suffixes] + quantized
+    if family == "dequantize":
+        return [f"dequantize_{f}_{s}" for s in GGUF_DTYPE_SUFFIXES for f in GGUF_FORMATS]
     if family == "paged_attention":
         return [f"paged_attention_{s}_d{d}" for s in suffixes for d in ATTENTION_HEAD_DIMS]
     if family == "norm":
