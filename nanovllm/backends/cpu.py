@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata
+from nanovllm.structured.bitmask import apply_token_bitmask
 
 
 class CPUBackend:
@@ -62,6 +63,10 @@ class CPUBackend:
         blocks, offsets = np.divmod(slot_mapping, block_size)
         k_cache[blocks, offsets] = k
         v_cache[blocks, offsets] = v
+
+    def apply_token_bitmask(self, logits, bitmask, rows=None):
+        """-inf on the logits of every token a bitmask row forbids, in place (structured/bitmask.py)."""
+        return apply_token_bitmask(logits, bitmask, rows)
 
     def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         out = np.empty_like(q)

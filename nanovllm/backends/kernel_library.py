@@ -20,7 +20,7 @@ from typing import Any
 from nanovllm.errors import NanovllmError
 
 # One file per op family; each defines `extern "C"` entry points per dtype (and head_dim).
-KERNEL_FILES = ("paged_attention", "cache", "norm", "rotary", "activation")
+KERNEL_FILES = ("paged_attention", "cache", "norm", "rotary", "activation", "token_bitmask")
 ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # Query vectors per paged-attention block: kQueryVectors in kernels/paged_attention.cu.
 ATTENTION_QUERY_VECTORS = 8
@@ -93,7 +93,12 @@ def entry_points(family: str) -> list[str]:
         return [f"paged_attention_{s}_d{d}" for s in suffixes for d in ATTENTION_HEAD_DIMS]
     if family == "norm":
         return [f"{op}_{s}" for op in ("rms_norm", "add_rms_norm") for s in suffixes]
-    name = {"cache": "write_kv", "rotary": "rotary", "activation": "silu_and_mul"}[family]
+    name = {
+        "cache": "write_kv",
+        "rotary": "rotary",
+        "activation": "silu_and_mul",
+        "token_bitmask": "apply_token_bitmask",
+    }[family]
     return [f"{name}_{s}" for s in suffixes]
 
 

@@ -219,6 +219,8 @@ _WHAT = {
 
 
 def _describe(kind: str, error: str) -> str:
-    # llguidance's messages are precise but multi-line (a caret under the grammar line).
-    lines = [line.rstrip() for line in error.strip().splitlines() if line.strip()]
-    return f"{_WHAT[kind]}: {' '.join(lines)}"
+    # llguidance's messages are precise but multi-line (the grammar line with a caret under it):
+    # keep the first line and the lines that say what is wrong.
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if line.startswith("error:")]
+    return f"{_WHAT[kind]}: {' '.join(lines[:1] + detail)}"
