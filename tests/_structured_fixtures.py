@@ -7,6 +7,7 @@ folder, keyed by the loader's source and the file, next to the demo models.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -30,6 +31,7 @@ class ModelTokenizer:
     eos_token_ids: tuple[int, ...]
 
 
+@functools.cache
 def demo_tokenizer(demo: str) -> ModelTokenizer:
     """The tokenizer nanovllm's GGUF loader builds for a demo model (smollm2-demo,
     qwen2.5-coder-demo), cached as a folder."""
@@ -45,12 +47,30 @@ def demo_tokenizer(demo: str) -> ModelTokenizer:
     )
 
 
+@functools.cache
 def qwen3_tokenizer() -> ModelTokenizer:
     """Qwen3's own tokenizer.json (151669 tokens) under Qwen3's 151936 logits; has <think>."""
     from _text_fixtures import qwen3_folder
 
     tokenizer = Tokenizer.from_folder(qwen3_folder())
     return ModelTokenizer("qwen3", tokenizer, 151936, (151645, 151643))
+
+
+MODELS = {
+    "smollm2": lambda: demo_tokenizer("smollm2-demo"),
+    "qwen2.5": lambda: demo_tokenizer("qwen2.5-coder-demo"),
+    "qwen3": qwen3_tokenizer,
+}
+
+
+@functools.cache
+def compiler(name: str):
+    """One GrammarCompiler per model tokenizer for the whole session (llguidance's tokenizer
+    takes 0.3-2 s to build)."""
+    from nanovllm.structured.compiler import GrammarCompiler
+
+    model = MODELS[name]()
+    return GrammarCompiler(model.tokenizer, model.vocab_size, model.eos_token_ids)
 
 
 def _build(gguf: Path, folder: Path) -> None:

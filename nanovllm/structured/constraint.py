@@ -99,31 +99,33 @@ def fill_bitmasks(
     total = sum(len(proposed) + 1 for _, proposed in items)
     if total > len(out):
         raise ValueError(f"{total} bitmask rows needed, out has {len(out)}")
-    jobs, drafted, row = [], [], 0
+    plain, drafted, row = [], [], 0
     for constraint, proposed in items:
         count = len(proposed) + 1
         rows = out[row : row + count]
         if isinstance(constraint, GrammarConstraint) and constraint.matcher_words == out.shape[1]:
             _check_rows(rows, count, constraint.words)
-            jobs.append((constraint.matcher, row, list(proposed)))
             if proposed:
-                drafted.append((row, count))
+                drafted.append((constraint.matcher, row, list(proposed)))
+            else:
+                plain.append((constraint.matcher, row))
         else:
             constraint.fill_bitmask(proposed, rows)
         row += count
-    if not jobs:
+    if not (plain or drafted):
         return
     _check_rows(out, 0, out.shape[1])
     executor = executor or mask_executor()
+    if plain:
+        llg_numpy.fill_next_token_bitmask_par(executor, plain, out)
     if drafted:
-        llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(executor, jobs, out)
-        for start, count in drafted:
-            # llguidance zeroes the rows after a refused draft (and after EOS); allow all there
-            # instead, so that no row is all -inf: verification discards those rows anyway.
-            after = out[start + 1 : start + count]
+        # llguidance takes rows with drafts apart (it refuses an empty draft list).
+        llg_numpy.fill_next_token_bitmask_par_with_draft_tokens(executor, drafted, out)
+        for _, start, proposed in drafted:
+            # It zeroes the rows after a refused draft (and after EOS); allow all there instead,
+            # so that no row is all -inf: verification discards those rows anyway.
+            after = out[start + 1 : start + len(proposed) + 1]
             after[~after.any(axis=1)] = ALL_ALLOWED
-    else:
-        llg_numpy.fill_next_token_bitmask_par(executor, [(m, r) for m, r, _ in jobs], out)
 
 
 @functools.cache
