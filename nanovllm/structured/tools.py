@@ -183,9 +183,11 @@ def _parameters(tool: Tool) -> dict[str, Any]:
 
 def _call_schema(tool: Tool) -> dict[str, Any]:
     parameters = {k: v for k, v in _parameters(tool).items() if k != "$defs"}
+    # vLLM's shape, closed to other keys so that a call object holds nothing but the call.
     return {
         "properties": {"name": {"type": "string", "enum": [tool.name]}, "parameters": parameters},
         "required": ["name", "parameters"],
+        "additionalProperties": False,
     }
 
 

@@ -2,8 +2,8 @@
 Qwen2.5, Qwen3), as vLLM's `--tool-call-parser hermes` reads them.
 
 The content is the text before the first `<tool_call>`; text between and after the calls is
-dropped. A last call whose closing tag never came still counts if its JSON is complete. Output
-with a malformed call is returned whole as content, with no calls.
+dropped. A last call whose closing tag never came still counts if its JSON is complete. Calls
+end at the first malformed one; output whose first call is malformed is all content.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ class HermesToolParser:
         calls = []
         for start in _call_starts(text):
             call = complete_call(text, start) if start < len(text) and text[start] == "{" else None
-            if call is None:
-                return ParsedOutput(text)
+            if call is None:  # the calls before a malformed one stand, as streaming sent them
+                break
             calls.append(call)
+        if not calls:
+            return ParsedOutput(text)
         return ParsedOutput(text[: text.index(OPEN)] or None, calls)
 
     def streamer(self) -> HermesStreamer:

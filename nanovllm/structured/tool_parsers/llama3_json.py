@@ -2,8 +2,8 @@
 
 An output that starts (after blanks) with `<|python_tag|>` or `{` is tool calls: one or more
 `{"name": ..., "parameters": {...}}` objects ("arguments" is accepted too) separated by `;`; it
-then has no content. Any other output is content. A tool-call output that does not parse is
-returned whole as content, with no calls.
+then has no content, and text after the last call is dropped. Any other output is content. A
+tool-call output whose first call does not parse is returned whole as content, with no calls.
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ class Llama3JsonToolParser:
         position = start
         while True:
             call = complete_call(text, position) if text[position : position + 1] == "{" else None
-            if call is None:
-                return ParsedOutput(text)
+            if call is None:  # the calls before a malformed one stand, as streaming sent them
+                return ParsedOutput(None, calls) if calls else ParsedOutput(text)
             calls.append(call)
             position = skip_space(text, scan_call(text, position).end)
-            if position == len(text):
-                return ParsedOutput(None, calls)
-            if text[position] != ";":
-                return ParsedOutput(text)
+            if text[position : position + 1] != ";":
+                return ParsedOutput(None, calls)  # text after the calls is dropped, as vLLM does
             position = skip_space(text, position + 1)
 
     def streamer(self) -> Llama3JsonStreamer:
