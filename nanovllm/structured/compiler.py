@@ -144,7 +144,9 @@ class CompiledGrammar:
 
 
 class GrammarCompiler:
-    """Compiles constraints for one model; safe to use from several threads."""
+    """Compiles constraints for one model; safe to use from several threads. Creating one is
+    instant: llguidance's tokenizer (0.3-2 s, more on a busy machine) is built on the
+    compiler's threads, and the first compile waits for it."""
 
     def __init__(
         self,
@@ -155,11 +157,15 @@ class GrammarCompiler:
         max_workers: int = 2,
     ) -> None:
         self.vocab_size = vocab_size
-        self.ll_tokenizer = ll_tokenizer(tokenizer, vocab_size, eos_token_ids)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="nanovllm-grammar")
+        self._tokenizer = self._executor.submit(ll_tokenizer, tokenizer, vocab_size, eos_token_ids)
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        return self._tokenizer.result()
 
     def compile(self, params: StructuredOutputsParams, field: str | None = None) -> CompiledGrammar:
         """The compiled grammar for `params`, from the cache or built now (in this thread). A bad
