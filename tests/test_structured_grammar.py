@@ -328,10 +328,16 @@ def test_finished_grammar_allows_only_eos_and_says_so() -> None:
     assert not constraint.accept(model.tokenizer.encode("x", add_special_tokens=False)[0])
 
 
-def test_refused_token_is_reported() -> None:
+def test_refused_token_is_reported_and_ends_the_grammar() -> None:
     model = MODELS["smollm2"]()
     constraint = compiler("smollm2").compile(StructuredOutputsParams(regex="[0-9]+")).constraint()
     assert not constraint.accept(model.tokenizer.encode("a", add_special_tokens=False)[0])
+    assert constraint.is_finished
+    mask = allocate_bitmask(1, model.vocab_size)
+    constraint.fill_bitmask([], mask)
+    assert set(np.flatnonzero(allowed_tokens(mask[0], model.vocab_size))) == set(
+        model.eos_token_ids
+    )
 
 
 # ---- Lark and GBNF -----------------------------------------------------------------------------

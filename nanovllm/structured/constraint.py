@@ -65,8 +65,12 @@ class GrammarConstraint:
         consumed = 0
         for token in proposed:
             # Stop at the first draft the grammar refuses (consuming it would leave the matcher
-            # in its error state for good) and at a stop: only EOS follows, and after EOS nothing.
-            if matcher.is_stopped() or matcher.validate_tokens([token]) != 1:
+            # in its error state for good), and at EOS or a stop: nothing follows them.
+            if (
+                token in self.eos_token_ids
+                or matcher.is_stopped()
+                or matcher.validate_tokens([token]) != 1
+            ):
                 break
             matcher.consume_token(token)
             consumed += 1
@@ -78,6 +82,8 @@ class GrammarConstraint:
             matcher.rollback(consumed)
 
     def accept(self, token_id: int) -> bool:
+        """False: the token was not allowed, and the matcher stays in its error state (it then
+        allows only EOS and is_finished is true)."""
         if self.matcher.is_stopped():
             # The grammar is complete: EOS ends the sequence (llguidance takes it as a no-op).
             return token_id in self.eos_token_ids
