@@ -11,18 +11,23 @@ tokenizer (the walk's tokens decode to that text).
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 
 import jsonschema
 import llguidance
 import numpy as np
 import pytest
 import regex
-from _structured_fixtures import MODELS, compiler
+from _structured_fixtures import (
+    MODELS,
+    Walk,
+    assert_same_mask,
+    compiler,
+    oracle_mask,
+    token_texts,
+)
 
-from nanovllm.structured.bitmask import allocate_bitmask, allowed_tokens, apply_token_bitmask
+from nanovllm.structured.bitmask import allocate_bitmask, allowed_tokens
 from nanovllm.structured.compiler import GrammarCompiler, closed_objects
 from nanovllm.structured.constraint import GrammarConstraint, fill_bitmasks
 from nanovllm.structured.errors import ParameterError
@@ -101,74 +106,6 @@ SCHEMAS = {
 }
 
 
-# ---- walking a grammar -----------------------------------------------------------------------
-class Walk:
-    """Greedy decoding under random logits, the mask checked against an oracle matcher each step.
-
-    Closing tokens (quotes, brackets, commas, EOS) get a bonus and blank tokens a malus on most
-    steps, so that strings, arrays and numbers end soon even where the grammar allows any
-    whitespace; everything else is random."""
-
-    def __init__(self, name: str, params: StructuredOutputsParams, seed: int = 0) -> None:
-        self.model = MODELS[name]()
-        self.compiled = compiler(name).compile(params)
-        self.constraint = self.compiled.constraint()
-        self.oracle = llguidance.LLMatcher(compiler(name).ll_tokenizer, self.compiled.text)
-        self.rng = np.random.default_rng(seed)
-        tok = self.model.tokenizer
-        closers = ['"', "}", "]", ",", '"}', "}]", '"]', '",']
-        self.favoured = [i for i in (tok.token_to_id(t) for t in closers) if i is not None]
-        self.blank = blank_tokens(name)
-        self.ids: list[int] = []
-        self.eos_allowed: list[bool] = []  # at each step
-
-    def run(self, max_steps: int = 400, check: Callable[[str, bool], None] | None = None):
-        mask = allocate_bitmask(1, self.model.vocab_size)
-        eos = set(self.model.eos_token_ids)
-        for _ in range(max_steps):
-            self.constraint.fill_bitmask([], mask)
-            assert_same_mask(mask[0], self.oracle)
-            eos_allowed = bool(allowed_tokens(mask[0], self.model.vocab_size)[min(eos)])
-            if check is not None:
-                check(self.text, eos_allowed)
-            token = self._pick(mask)
-            assert self.constraint.accept(token)
-            if token in eos:
-                return True
-            assert self.oracle.consume_token(token)
-            self.ids.append(token)
-        return False
-
-    @property
-    def text(self) -> str:
-        return self.model.tokenizer.decode(self.ids)
-
-    def _pick(self, mask: np.ndarray) -> int:
-        logits = self.rng.standard_normal((1, self.model.vocab_size)).astype(np.float32)
-        if self.rng.random() < 0.7 or len(self.ids) > 150:
-            logits[0, self.favoured] += 30.0
-            logits[0, list(self.model.eos_token_ids)] += 60.0
-            logits[0, self.blank] -= 30.0
-        apply_token_bitmask(logits, mask)
-        return int(logits[0].argmax())
-
-
-@functools.cache
-def blank_tokens(name: str) -> np.ndarray:
-    return np.array([t for t, text in enumerate(token_texts(name)) if text and not text.strip()])
-
-
-def oracle_mask(matcher: llguidance.LLMatcher) -> np.ndarray:
-    """The matcher's own mask (its buffer may carry a spare word past the vocabulary)."""
-    return np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)
-
-
-def assert_same_mask(row: np.ndarray, matcher: llguidance.LLMatcher) -> None:
-    expected = oracle_mask(matcher)
-    assert not expected[len(row) :].any()
-    assert np.array_equal(row, expected[: len(row)]), "mask differs from llguidance's matcher"
-
-
 # ---- JSON schemas ----------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ALL_MODELS)
 @pytest.mark.parametrize("schema", SCHEMAS)
@@ -220,21 +157,6 @@ def test_disable_additional_properties_closes_every_named_object() -> None:
 
 
 # ---- regex and choice, against an independent matcher --------------------------------------
-@functools.cache
-def token_texts(name: str) -> list[str | None]:
-    """Each token's text alone; None for special tokens, partial UTF-8, ids past the tokenizer."""
-    model = MODELS[name]()
-    tok = model.tokenizer
-    texts: list[str | None] = []
-    for token in range(model.vocab_size):
-        text = None
-        if token < tok.vocab_size and token not in tok.all_special_ids:
-            text = tok.decode([token], skip_special_tokens=False)
-            text = None if "\ufffd" in text or not text else text
-        texts.append(text)
-    return texts
-
-
 def assert_mask_is_the_language(
     name: str, row: np.ndarray, prefix: str, can_continue, is_complete
 ) -> None:

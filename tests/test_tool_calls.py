@@ -11,10 +11,9 @@ import re
 
 import jsonschema
 import pytest
-from _structured_fixtures import MODELS
+from _structured_fixtures import MODELS, Walk
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
-from test_structured_grammar import Walk
 
 from nanovllm.structured.errors import ParameterError
 from nanovllm.structured.tool_parsers import TOOL_PARSERS, tool_call_id, tool_parser
