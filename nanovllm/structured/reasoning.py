@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanovllm.structured.bitmask import ALL_ALLOWED
-from nanovllm.structured.constraint import TokenConstraint
+
+if TYPE_CHECKING:  # constraint.py loads llguidance; these work with any TokenConstraint
+    from nanovllm.structured.constraint import TokenConstraint
 
 START, END = "<think>", "</think>"
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.structured.bitmask import ALL_ALLOWED, bitmask_from_token_ids, clear_tokens
-from nanovllm.structured.constraint import TokenConstraint
+
+if TYPE_CHECKING:  # constraint.py loads llguidance; these work with any TokenConstraint
+    from nanovllm.structured.constraint import TokenConstraint
 
 
 def apply_logit_bias(logits: Any, rows: Sequence[int], biases: Sequence[dict[int, float]]) -> Any:
