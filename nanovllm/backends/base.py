@@ -152,15 +152,7 @@ class Backend(Protocol):
         """Causal attention of each sequence's query tokens over its cached context -> [T, Hq, D].
         One op for prefill, chunked prefill, decode and speculative verification."""
 
-    def apply_token_bitmask(self, logits: Array, rows: Array, bitmask: Array) -> None:
-        """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is 0. bitmask is
-        int32 [len(rows), ceil(V / 32)]; bit b of word w stands for token 32 * w + b."""
-
-
-def mask_logits_with_bitmask(xp: Any, logits: Array, rows: Array, bitmask: Array) -> None:
-    """apply_token_bitmask written with array operations, for any array module."""
-    vocab = logits.shape[1]
-    words = xp.asarray(bitmask, dtype=xp.int32).view(xp.uint32)
-    bits = (words[:, :, None] >> xp.arange(32, dtype=xp.uint32)) & 1
-    allowed = bits.reshape(len(words), -1)[:, :vocab].astype(bool)
-    logits[rows] = xp.where(allowed, logits[rows], -xp.inf)
+    def apply_token_bitmask(self, logits: Array, bitmask: Array, rows: Array | None = None) -> Array:
+        """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is 0 (rows defaults
+        to 0, 1, ...). bitmask is int32 [len(rows), ceil(V / 32)]; bit b of word w stands for
+        token 32 * w + b (nanovllm/structured/bitmask.py)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanovllm.backends.base import AttentionMetadata, mask_logits_with_bitmask
+from nanovllm.backends.base import AttentionMetadata
+from nanovllm.structured.bitmask import apply_token_bitmask
 
 
 class CPUBackend:
@@ -73,8 +74,9 @@ class CPUBackend:
         k_cache[blocks, offsets] = k
         v_cache[blocks, offsets] = v
 
-    def apply_token_bitmask(self, logits, rows, bitmask) -> None:
-        mask_logits_with_bitmask(np, logits, rows, bitmask)
+    def apply_token_bitmask(self, logits, bitmask, rows=None):
+        """-inf on the logits of every token a bitmask row forbids, in place (structured/bitmask.py)."""
+        return apply_token_bitmask(logits, bitmask, rows)
 
     def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         out = np.empty_like(q)

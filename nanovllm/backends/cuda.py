@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from nanovllm.backends.base import AttentionMetadata, mask_logits_with_bitmask
+from nanovllm.backends.base import AttentionMetadata
 from nanovllm.backends.kernel_library import (
     ATTENTION_HEAD_DIMS,
     ATTENTION_QUERY_VECTORS,
@@ -40,6 +40,7 @@ from nanovllm.errors import NanovllmError
 Array = Any
 COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+_MASK_THREADS = 256  # tokens per block of apply_token_bitmask
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uint16): "bf16"}
 
 # Rows up to which an eager linear() runs on our matmul kernels rather than cuBLAS (a captured
@@ -376,8 +377,28 @@ class CUDABackend:
         fn(grid, (ATTENTION_THREADS,), args, shared_mem=attention_shared_bytes(head_dim))
         return out
 
-    def apply_token_bitmask(self, logits: Array, rows: Array, bitmask: Array) -> None:
-        mask_logits_with_bitmask(self.xp, logits, self.xp.asarray(rows), self.xp.asarray(bitmask))
+    def apply_token_bitmask(
+        self, logits: Array, bitmask: Array, rows: Array | None = None
+    ) -> Array:
+        """-inf on the logits [rows, vocab] of every token a bitmask row forbids, in place; mask row
+        i applies to logits row rows[i] (default i). See kernels/token_bitmask.cu."""
+        num_masks = len(bitmask)
+        if num_masks == 0:
+            return logits
+        if logits.ndim != 2 or logits.strides[1] != logits.itemsize:
+            raise NanovllmError("logits must be [rows, vocab] with contiguous rows")
+        if num_masks > 65535:
+            raise NanovllmError(f"{num_masks} bitmask rows in one step; at most 65535")
+        rows = self.xp.arange(num_masks, dtype=np.int32) if rows is None else rows
+        vocab, words = logits.shape[1], bitmask.shape[1]
+        stride = logits.strides[0] // logits.itemsize
+        args = (
+            self._span(logits, stride), self.asarray(bitmask, np.int32),
+            self.asarray(rows, np.int32), np.int64(stride), np.int32(vocab), np.int32(words),
+        )  # fmt: skip
+        fn = self._kernel("token_bitmask", "apply_token_bitmask", logits.dtype)
+        fn((-(-vocab // _MASK_THREADS), num_masks), (_MASK_THREADS,), args)
+        return logits
 
     # ---- helpers ----------------------------------------------------------------------------
     def _kernel(self, family: str, op: str, dtype: Any):

@@ -116,6 +116,28 @@ def case_write_kv(
     return [_host(backend, c) for c in dev_caches], caches
 
 
+def case_apply_token_bitmask(
+    backend, dtype, rng, logits_rows=6, vocab=1000, rows=(4, 0, 2), extra_words=0
+) -> Results:
+    """Masks for some rows of a batch (constrained and free rows share it). Which entries are
+    -inf and the values of the others are compared apart: -inf is no number to subtract."""
+    from nanovllm.structured.bitmask import apply_token_bitmask
+
+    logits = _random(rng, (logits_rows, vocab), dtype)
+    words = -(-vocab // 32) + extra_words  # fewer: the tokens past the mask are forbidden
+    bitmask = rng.integers(-(2**31), 2**31, (len(rows), words), dtype=np.int64).astype(np.int32)
+    bitmask[0, : words // 2] = -1  # long runs of allowed tokens too
+    index = np.asarray(rows, dtype=np.int32)
+    ref = apply_token_bitmask(logits.copy(), bitmask, index)
+    out = backend.apply_token_bitmask(_device(backend, logits, dtype), bitmask, index)
+    return _split_infinite(_host(backend, out)), _split_infinite(ref)
+
+
+def _split_infinite(x: np.ndarray) -> list[np.ndarray]:
+    masked = np.isneginf(x)
+    return [masked.astype(np.float32), np.where(masked, 0.0, x).astype(np.float32)]
+
+
 def attention_metadata(
     rng, seqs: Sequence[tuple[int, int]], block_size: int, to_device: Callable
 ) -> tuple[AttentionMetadata, int]:
@@ -195,6 +217,7 @@ def kernel_checks(
         ("rotary", case_rotary, {}),
         ("silu_and_mul", case_silu_and_mul, {}),
         ("write_kv", case_write_kv, {}),
+        ("apply_token_bitmask", case_apply_token_bitmask, {}),
     ]
     for head_dim in head_dims:
         kwargs = {"head_dim": head_dim, "block_size": 16, "seqs": ((5, 40), (1, 150), (2, 2))}

@@ -21,7 +21,7 @@ from nanovllm.errors import NanovllmError
 
 # One file per op family; each defines `extern "C"` entry points per dtype (and head_dim).
 KERNEL_FILES = (
-    "paged_attention", "cache", "norm", "rotary", "activation", "matmul", "dequantize",
+    "paged_attention", "cache", "norm", "rotary", "activation", "matmul", "dequantize", "token_bitmask",
 )  # fmt: skip
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
 # The GGUF kernels take the dtypes the CUDA backend computes in (it refuses bfloat16).
@@ -132,7 +132,12 @@ def entry_points(family: str) -> list[str]:
         return [f"paged_attention_{s}_d{d}" for s in suffixes for d in ATTENTION_HEAD_DIMS]
     if family == "norm":
         return [f"{op}_{s}" for op in ("rms_norm", "add_rms_norm") for s in suffixes]
-    name = {"cache": "write_kv", "rotary": "rotary", "activation": "silu_and_mul"}[family]
+    name = {
+        "cache": "write_kv",
+        "rotary": "rotary",
+        "activation": "silu_and_mul",
+        "token_bitmask": "apply_token_bitmask",
+    }[family]
     return [f"{name}_{s}" for s in suffixes]
 
 

@@ -101,7 +101,7 @@ class ModelRunner:
                 masks.append(mask)
             start += item.num_logits
         if rows:
-            self.backend.apply_token_bitmask(logits, np.asarray(rows), np.concatenate(masks))
+            self.backend.apply_token_bitmask(logits, np.concatenate(masks), np.asarray(rows))
 
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):
