@@ -248,7 +248,9 @@ def randomize_weights(model: torch.nn.Module) -> None:
     gemma = model.config.model_type.startswith("gemma")
     norm_low, embed_std = (3.0, 0.15) if gemma else (0.5, 0.5)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
+        if gemma and name.endswith(("q_norm.weight", "k_norm.weight")):
+            param.uniform_(-0.5, 0.5)  # q and k near unit scale: float16 scores stay accurate
+        elif name.endswith("norm.weight"):
             param.uniform_(norm_low, norm_low + 1.0)
         elif name.endswith((".gate.weight", "shared_expert_gate.weight")):
             # MoE routers: decisive scores, so no token's top-k is a near-tie.
