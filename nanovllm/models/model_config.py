@@ -68,6 +68,7 @@ class ModelConfig:
             hidden = hf["hidden_size"]
             rope, local_rope = _rope_parameters(hf)
             eos = hf.get("eos_token_id")
+            experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
             config = cls(
                 architecture=architecture,
                 vocab_size=hf["vocab_size"],
@@ -93,12 +94,14 @@ class ModelConfig:
                 partial_rotary_factor=rope.get("partial_rotary_factor")
                 or hf.get("partial_rotary_factor")
                 or 1.0,
-                num_experts=hf.get("num_local_experts") or hf.get("num_experts") or 0,
+                num_experts=experts,
                 num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
-                moe_intermediate_size=hf.get("moe_intermediate_size") or hf["intermediate_size"],
+                # Mixtral's experts are intermediate_size wide; Qwen's MoE say so apart.
+                moe_intermediate_size=hf.get("moe_intermediate_size")
+                or (hf["intermediate_size"] if experts else 0),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                 shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
-                dense_layers=_dense_layers(hf),
+                dense_layers=_dense_layers(hf) if experts else [],
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=_as_id_list(eos),
                 torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
