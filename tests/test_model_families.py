@@ -133,3 +133,37 @@ def test_an_unknown_architecture_is_refused_with_the_full_supported_list():
 def test_mistral_max_model_len_is_not_capped_to_its_window(checkpoint_factory):
     llm = LLM(str(checkpoint_factory("mistral")), device="cpu", block_size=4, num_blocks=128)
     assert llm.engine.max_model_len == 256  # max_position_embeddings; the window is 8
+
+
+# ---- config.json without layer_types (transformers 4 checkpoints) ----------------------------
+LEGACY_CONFIGS = {
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(num_hidden_layers=5, sliding_window=7)),
+    "gemma3_default_pattern": (
+        "Gemma3ForCausalLM", "Gemma3TextConfig", dict(num_hidden_layers=13, sliding_window=7),
+    ),
+    "gemma3_pattern_3": (
+        "Gemma3ForCausalLM", "Gemma3TextConfig",
+        dict(num_hidden_layers=7, sliding_window=7, sliding_window_pattern=3),
+    ),
+    "qwen2_max_window_layers": (
+        "Qwen2ForCausalLM", "Qwen2Config",
+        dict(num_hidden_layers=6, use_sliding_window=True, max_window_layers=4, sliding_window=9),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LEGACY_CONFIGS)
+def test_sliding_layers_of_a_config_without_layer_types_are_transformers(case):
+    """transformers derives layer_types when config.json lacks them; so must we."""
+    import transformers
+
+    from nanovllm.models.model_config import ModelConfig
+
+    architecture, config_class, kwargs = LEGACY_CONFIGS[case]
+    hf = getattr(transformers, config_class)(**kwargs).to_dict()
+    expected = hf.pop("layer_types")
+    hf["architectures"] = [architecture]
+    config = ModelConfig.from_hf(hf)
+    assert [config.window(i) for i in range(config.num_layers)] == [
+        hf["sliding_window"] if t == "sliding_attention" else 0 for t in expected
+    ]
