@@ -137,7 +137,7 @@ def test_check_emulated_runs_every_kernel_and_the_tiny_model(capsys) -> None:
     assert report["device"] == "CUDA emulator (CPU)"
     names = [c["name"] for c in report["checks"]]
     assert "paged_attention d128 bfloat16" in names and "tiny model greedy float16" in names
-    assert len(names) == 3 * (6 + len(ATTENTION_HEAD_DIMS)) + 2
+    assert len(names) == 3 * (11 + len(ATTENTION_HEAD_DIMS)) + 2
     assert all(c["passed"] for c in report["checks"])
     assert {b["arch"] for b in report["builds"]} == {"sm_80"}
 
@@ -191,10 +191,13 @@ def test_checkpoint_float16_matches_cpu_up_to_near_ties(checkpoint_factory, on_c
     assert model.greedy(PROMPT, NEW_TOKENS)[:must_agree] == want[:must_agree]
 
 
-def test_llm_generate_on_emulated_cuda_matches_cpu(checkpoint_factory) -> None:
+# Gemma 2 (sliding window over 8 of the 9 and 16 prompt tokens, soft caps, GeGLU) and Mixtral
+# (grouped MoE kernels) through the engine's batched steps and padded decode buckets.
+@pytest.mark.parametrize("kind", ["llama3", "gemma2", "mixtral"])
+def test_llm_generate_on_emulated_cuda_matches_cpu(checkpoint_factory, kind) -> None:
     from nanovllm import LLM, SamplingParams
 
-    path = str(checkpoint_factory("llama3"))
+    path = str(checkpoint_factory(kind))
     prompts = [prompt_ids(9), prompt_ids(16)]  # two lengths: one batch mixes prefill and decode
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     outputs = {}

@@ -2,7 +2,8 @@
 
 Models call only these ops, so the same model code drives NumPy on a CPU and CuPy plus our
 CUDA kernels on a GPU. Shapes use T = tokens in the step's flat batch, B = sequences,
-Hq/Hkv = query/key-value heads, D = head_dim, H = hidden size.
+Hq/Hkv = query/key-value heads, D = head_dim, H = hidden size, E = experts, K = experts per
+token, F = an expert's intermediate size.
 """
 
 from __future__ import annotations
@@ -141,18 +142,49 @@ class Backend(Protocol):
     def silu_and_mul(self, x: Array) -> Array:
         """[T, 2F] (gate | up) -> silu(gate) * up, [T, F]."""
 
+    def gelu_tanh_and_mul(self, x: Array) -> Array:
+        """[T, 2F] (gate | up) -> gelu(gate) * up with GELU's tanh approximation (GeGLU), [T, F]."""
+
+    def soft_cap(self, x: Array, cap: float) -> Array:
+        """cap * tanh(x / cap): Gemma's bound on logits."""
+
     def write_kv(
         self, k: Array, v: Array, k_cache: Array, v_cache: Array, slot_mapping: Array
     ) -> None:
         """Scatter [T, Hkv, D] keys/values into [num_blocks, block_size, Hkv, D] caches."""
 
     def paged_attention(
-        self, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float
+        self,
+        q: Array,
+        k_cache: Array,
+        v_cache: Array,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        soft_cap: float = 0.0,
     ) -> Array:
         """Causal attention of each sequence's query tokens over its cached context -> [T, Hq, D].
-        One op for prefill, chunked prefill, decode and speculative verification."""
+        One op for prefill, chunked prefill, decode and speculative verification.
 
-    def apply_token_bitmask(self, logits: Array, bitmask: Array, rows: Array | None = None) -> Array:
+        Scores are q.k * scale, then soft_cap * tanh(score / soft_cap) when soft_cap > 0. With a
+        window W > 0, the query at position p sees only positions p - W + 1 .. p, and the op
+        reads nothing of a sequence before position (its first query's position) - W + 1: not
+        its block table entries, keys or values. The engine may free those blocks."""
+
+    def apply_token_bitmask(
+        self, logits: Array, bitmask: Array, rows: Array | None = None
+    ) -> Array:
         """In place: logits[rows[i], t] = -inf wherever bit t of bitmask[i] is 0 (rows defaults
         to 0, 1, ...). bitmask is int32 [len(rows), ceil(V / 32)]; bit b of word w stands for
         token 32 * w + b (nanovllm/structured/bitmask.py)."""
+
+    def moe_route(self, logits: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
+        """[T, E] router logits -> (weights [T, K] float32, expert ids [T, K] int32): the K
+        largest softmax probabilities, in descending order (ties: the lower expert id), divided
+        by their sum when renormalize."""
+
+    def moe_experts(
+        self, x: Array, gate_up: Array, down: Array, weights: Array, ids: Array
+    ) -> Array:
+        """Each token through its K experts, weighted and summed: x [T, H], gate_up [E, 2F, H]
+        (gate | up rows), down [E, H, F] -> sum_k weights[t, k] * down_e(silu(gate_e x) * up_e x)."""

@@ -30,6 +30,11 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_THREADS,
     DEQUANTIZE_THREADS,
     MATMUL_THREADS,
+    MOE_ALIGN_THREADS,
+    MOE_MAX_EXPERTS,
+    MOE_THREADS,
+    MOE_TILE_COLS,
+    MOE_TILE_ROWS,
     KernelLibrary,
     attention_shared_bytes,
     matmul_geometry,
@@ -316,13 +321,87 @@ class CUDABackend:
         return q_out, k_out
 
     def silu_and_mul(self, x: Array) -> Array:
+        return self._gated(x, "silu_and_mul")
+
+    def _gated(self, x: Array, op: str) -> Array:
+        """act(gate) * up over [..., 2F] (gate | up): one block per row."""
         width = x.shape[-1] // 2
         x = self.xp.ascontiguousarray(x)
         out = self.xp.empty((*x.shape[:-1], width), dtype=x.dtype)
         rows = math.prod(x.shape[:-1])
         if rows:
-            fn = self._kernel("activation", "silu_and_mul", x.dtype)
+            fn = self._kernel("activation", op, x.dtype)
             fn((rows,), (_threads(width),), (out, x, np.int32(width)))
+        return out
+
+    def gelu_tanh_and_mul(self, x: Array) -> Array:
+        return self._gated(x, "gelu_tanh_and_mul")
+
+    def soft_cap(self, x: Array, cap: float) -> Array:
+        # CuPy elementwise kernels, in float32 whatever the logits' dtype.
+        cap = np.float32(cap)
+        return (self.xp.tanh(x.astype(np.float32) / cap) * cap).astype(x.dtype)
+
+    def moe_route(self, logits: Array, top_k: int, renormalize: bool) -> tuple[Array, Array]:
+        logits = self.xp.ascontiguousarray(logits)
+        tokens, experts = logits.shape
+        if not 0 < top_k <= experts <= MOE_MAX_EXPERTS:
+            raise NanovllmError(
+                f"moe_route takes 1 <= top_k <= experts <= {MOE_MAX_EXPERTS}, got top_k {top_k} "
+                f"of {experts} experts"
+            )
+        weights = self.xp.empty((tokens, top_k), dtype=np.float32)
+        ids = self.xp.empty((tokens, top_k), dtype=np.int32)
+        if tokens:
+            fn = self._kernel("moe", "moe_route", logits.dtype)
+            args = (weights, ids, logits, np.int32(experts), np.int32(top_k), np.int32(renormalize))
+            fn((tokens,), (32,), args)
+        return weights, ids
+
+    def moe_experts(self, x: Array, gate_up: Array, down: Array, weights: Array, ids: Array):
+        """Sorted by expert into 16-row tiles on the device, then one grouped launch per
+        projection (kernels/moe.cu); the grid is sized from an upper bound on the tiles, so
+        nothing waits for the routing."""
+        xp = self.xp
+        x = xp.ascontiguousarray(x)
+        tokens, hidden = x.shape
+        experts, width = gate_up.shape[0], gate_up.shape[1] // 2
+        top_k = ids.shape[1]
+        out = xp.empty((tokens, hidden), dtype=x.dtype)
+        if tokens == 0:
+            return out
+        _check_same_dtype(x, gate_up)
+        _check_same_dtype(x, down)
+        assignments = tokens * top_k
+        max_tiles = -(-assignments // MOE_TILE_ROWS) + min(experts, assignments)
+        sorted_rows = xp.empty((max_tiles * MOE_TILE_ROWS,), dtype=np.int32)
+        tile_experts = xp.empty((max_tiles,), dtype=np.int32)
+        num_tiles = xp.empty((1,), dtype=np.int32)
+        ids = self._contiguous(ids, np.int32)
+        align = self.kernels.function("moe", "moe_align")
+        align(
+            (1,), (MOE_ALIGN_THREADS,),
+            (sorted_rows, tile_experts, num_tiles, ids, np.int32(assignments),
+             np.int32(experts), np.int32(max_tiles)),
+        )  # fmt: skip
+        tiles = (sorted_rows, tile_experts, num_tiles)
+        act = xp.empty((max_tiles * MOE_TILE_ROWS, width), dtype=x.dtype)
+        fn = self._kernel("moe", "moe_gate_up", x.dtype)
+        grid = (max_tiles, -(-width // MOE_TILE_COLS))
+        args = (act, x, self._contiguous(gate_up, x.dtype), *tiles, np.int32(top_k))
+        fn(grid, (MOE_THREADS,), (*args, np.int32(hidden), np.int32(width)))
+        partial = xp.empty((assignments, hidden), dtype=np.float32)
+        fn = self._kernel("moe", "moe_down", x.dtype)
+        grid = (max_tiles, -(-hidden // MOE_TILE_COLS))
+        args = (partial, act, self._contiguous(down, x.dtype), *tiles)
+        weights = self._contiguous(weights, np.float32)
+        fn(grid, (MOE_THREADS,), (*args, weights, np.int32(hidden), np.int32(width)))
+        fn = self._kernel("moe", "moe_sum", x.dtype)
+        fn(
+            (tokens,),
+            (_threads(hidden, limit=256),),
+            (out, partial, np.int32(top_k), np.int32(hidden)),
+        )
         return out
 
     def write_kv(
@@ -343,7 +422,14 @@ class CUDABackend:
         self._kernel("cache", "write_kv", k.dtype)((k.shape[0],), (_threads(row_size),), args)
 
     def paged_attention(
-        self, q: Array, k_cache: Array, v_cache: Array, meta: AttentionMetadata, scale: float
+        self,
+        q: Array,
+        k_cache: Array,
+        v_cache: Array,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+        soft_cap: float = 0.0,
     ) -> Array:
         q = self.xp.ascontiguousarray(q)
         num_tokens, num_heads, head_dim = q.shape
@@ -371,6 +457,7 @@ class CUDABackend:
             self._contiguous(meta.context_lens, np.int32),
             np.float32(scale), np.int32(num_heads), np.int32(num_kv_heads),
             np.int32(meta.block_size), np.int32(tables.shape[1]),
+            np.int32(window), np.float32(soft_cap),
         )  # fmt: skip
         name = f"paged_attention_{_SUFFIX[q.dtype]}_d{head_dim}"
         fn = self.kernels.function("paged_attention", name)

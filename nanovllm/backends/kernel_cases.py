@@ -101,6 +101,47 @@ def case_silu_and_mul(backend, dtype, rng, tokens=5, width=80) -> Results:
     return [_host(backend, out)], [CPUBackend().silu_and_mul(x)]
 
 
+def case_gelu_tanh_and_mul(backend, dtype, rng, tokens=5, width=80) -> Results:
+    x = _random(rng, (tokens, 2 * width), dtype, scale=3.0)
+    out = backend.gelu_tanh_and_mul(_device(backend, x, dtype))
+    return [_host(backend, out)], [CPUBackend().gelu_tanh_and_mul(x)]
+
+
+def _router_logits(rng, dtype, tokens: int, experts: int) -> np.ndarray:
+    """Logits whose values differ by at least 0.25 within a row (exact in every dtype), so that
+    rounding in the kernel's softmax cannot reorder experts."""
+    rows = [rng.permutation(experts) * 0.25 - experts * 0.125 for _ in range(tokens)]
+    return from_storage(to_storage(np.array(rows, dtype=np.float32), dtype))
+
+
+def case_moe_route(backend, dtype, rng, tokens=7, experts=40, top_k=4, renormalize=True) -> Results:
+    logits = _router_logits(rng, dtype, tokens, experts)
+    weights, ids = backend.moe_route(_device(backend, logits, dtype), top_k, renormalize)
+    ref_weights, ref_ids = CPUBackend().moe_route(logits, top_k, renormalize)
+    got = [backend.to_numpy(weights), backend.to_numpy(ids).astype(np.float32)]
+    return got, [ref_weights, ref_ids.astype(np.float32)]
+
+
+def case_moe_experts(
+    backend, dtype, rng, tokens=21, experts=6, top_k=2, hidden=48, width=40
+) -> Results:
+    """Uneven routing: expert e is drawn with probability ~ 2^-e, the last one never, so tiles
+    are full, partial and absent; each token's experts are distinct."""
+    x = _random(rng, (tokens, hidden), dtype)
+    gate_up = _random(rng, (experts, 2 * width, hidden), dtype, scale=hidden**-0.5)
+    down = _random(rng, (experts, hidden, width), dtype, scale=width**-0.5)
+    odds = 2.0 ** -np.arange(experts - 1)
+    ids = np.array(
+        [rng.choice(experts - 1, top_k, replace=False, p=odds / odds.sum()) for _ in range(tokens)],
+        dtype=np.int32,
+    )
+    weights = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
+    ref = CPUBackend().moe_experts(x, gate_up, down, weights, ids)
+    dev = [_device(backend, a, dtype) for a in (x, gate_up, down)]
+    out = backend.moe_experts(*dev, backend.asarray(weights), backend.asarray(ids))
+    return [_host(backend, out)], [ref]
+
+
 def case_write_kv(
     backend, dtype, rng, tokens=6, kv_heads=2, head_dim=32, block_size=4, num_blocks=5
 ) -> Results:
@@ -170,8 +211,11 @@ def case_paged_attention(
     kv_heads=2,
     head_dim=32,
     block_size=4,
+    window=0,
+    soft_cap=0.0,
 ) -> Results:
-    """Sequences as (query_len, context_len): prefill, chunked prefill, decode, verification."""
+    """Sequences as (query_len, context_len): prefill, chunked prefill, decode, verification;
+    optionally a sliding window and soft-capped scores (Gemma)."""
     meta, num_blocks = attention_metadata(rng, seqs, block_size, backend.asarray)
     tokens = int(meta.query_start_host[-1])
     shape = (num_blocks, block_size, kv_heads, head_dim)
@@ -180,13 +224,15 @@ def case_paged_attention(
     k_cache, v_cache = _random(rng, shape, dtype), _random(rng, shape, dtype)
     scale = 1.0 / np.sqrt(head_dim)
     # The reference reads only the host copies of the metadata.
-    ref = CPUBackend().paged_attention(q, k_cache, v_cache, meta, scale)
+    ref = CPUBackend().paged_attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
     out = backend.paged_attention(
         _device(backend, q, dtype),
         _device(backend, k_cache, dtype),
         _device(backend, v_cache, dtype),
         meta,
         scale,
+        window,
+        soft_cap,
     )
     return [_host(backend, out)], [ref]
 
@@ -216,9 +262,15 @@ def kernel_checks(
         ("rms_norm per head", case_head_norm, {}),
         ("rotary", case_rotary, {}),
         ("silu_and_mul", case_silu_and_mul, {}),
+        ("gelu_tanh_and_mul", case_gelu_tanh_and_mul, {}),
         ("write_kv", case_write_kv, {}),
+        ("moe_route", case_moe_route, {}),
+        ("moe_experts", case_moe_experts, {}),
         ("apply_token_bitmask", case_apply_token_bitmask, {}),
     ]
+    windowed = {"head_dim": head_dims[0], "block_size": 16, "seqs": ((5, 40), (1, 150), (2, 2))}
+    windowed |= {"window": 37, "soft_cap": 2.0}
+    cases.append((f"paged_attention window d{head_dims[0]}", case_paged_attention, windowed))
     for head_dim in head_dims:
         kwargs = {"head_dim": head_dim, "block_size": 16, "seqs": ((5, 40), (1, 150), (2, 2))}
         cases.append((f"paged_attention d{head_dim}", case_paged_attention, kwargs))

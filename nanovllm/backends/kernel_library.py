@@ -21,7 +21,7 @@ from nanovllm.errors import NanovllmError
 
 # One file per op family; each defines `extern "C"` entry points per dtype (and head_dim).
 KERNEL_FILES = (
-    "paged_attention", "cache", "norm", "rotary", "activation", "matmul", "dequantize", "token_bitmask",
+    "paged_attention", "cache", "norm", "rotary", "activation", "matmul", "dequantize", "token_bitmask", "moe",
 )  # fmt: skip
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
 # The GGUF kernels take the dtypes the CUDA backend computes in (it refuses bfloat16).
@@ -41,6 +41,13 @@ ATTENTION_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # Query vectors per paged-attention block: kQueryVectors in kernels/paged_attention.cu.
 ATTENTION_QUERY_VECTORS = 8
 ATTENTION_THREADS = 128
+# kernels/moe.cu: rows per expert tile (kMoeTileRows), output columns per block (kMoeTileCols),
+# threads of the grouped matmuls (kMoeThreads) and of moe_align, the most experts (kMaxExperts).
+MOE_TILE_ROWS = 16
+MOE_TILE_COLS = 32
+MOE_THREADS = 256
+MOE_ALIGN_THREADS = 1024
+MOE_MAX_EXPERTS = 1024
 
 
 def matmul_geometry(rows: int, out_features: int, units: int) -> tuple[int, int]:
@@ -132,12 +139,12 @@ def entry_points(family: str) -> list[str]:
         return [f"paged_attention_{s}_d{d}" for s in suffixes for d in ATTENTION_HEAD_DIMS]
     if family == "norm":
         return [f"{op}_{s}" for op in ("rms_norm", "add_rms_norm") for s in suffixes]
-    name = {
-        "cache": "write_kv",
-        "rotary": "rotary",
-        "activation": "silu_and_mul",
-        "token_bitmask": "apply_token_bitmask",
-    }[family]
+    if family == "moe":
+        ops = ("moe_route", "moe_gate_up", "moe_down", "moe_sum")
+        return ["moe_align"] + [f"{op}_{s}" for op in ops for s in suffixes]
+    if family == "activation":
+        return [f"{op}_{s}" for op in ("silu_and_mul", "gelu_tanh_and_mul") for s in suffixes]
+    name = {"cache": "write_kv", "rotary": "rotary", "token_bitmask": "apply_token_bitmask"}[family]
     return [f"{name}_{s}" for s in suffixes]
 
 

@@ -107,8 +107,6 @@ def eos_token_ids(checkpoint: Checkpoint) -> list[int]:
 def length_limit(config: EngineConfig, model_config: ModelConfig) -> int:
     """max_model_len before the KV capacity caps it (so a lone sequence always fits)."""
     limit = model_config.max_position_embeddings
-    if model_config.sliding_window:
-        limit = min(limit, model_config.sliding_window)  # no sliding-window attention yet
     if config.max_model_len is not None and config.max_model_len > limit:
         raise NanovllmError(
             f"max_model_len {config.max_model_len} exceeds the model's maximum length {limit}"

@@ -34,7 +34,7 @@ def load_checkpoint(model: str, tokenizer: str | None = None) -> Checkpoint:
         model = str(demo_model_path(model))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        checkpoint = _gguf_checkpoint(path)
+        checkpoint = _gguf_checkpoint(path, with_tokenizer=tokenizer is None)
     elif path.is_dir():
         checkpoint = _folder_checkpoint(path)
     elif path.exists():
@@ -72,10 +72,12 @@ def _folder_checkpoint(folder: Path) -> Checkpoint:
     )
 
 
-def _gguf_checkpoint(path: Path) -> Checkpoint:
+def _gguf_checkpoint(path: Path, with_tokenizer: bool = True) -> Checkpoint:
     from nanovllm.models.gguf_loader import load_gguf
 
-    gguf = load_gguf(path)
+    # With --tokenizer the file's own vocabulary is not rebuilt: a GGUF whose tokenizer we cannot
+    # rebuild (SentencePiece) still loads next to the original tokenizer.json.
+    gguf = load_gguf(path, with_tokenizer)
     model_class(gguf.config.architecture)
     return Checkpoint(gguf.config, gguf.tokenizer, gguf.generation_config, gguf.weights)
 
