@@ -4,7 +4,7 @@ waitress reads a request's headers and body in its event loop (the main thread) 
 worker thread only a complete request, so a slow sender holds no thread; the worker then runs
 the request to its end, and for a stream it waits on the engine's queue and puts each chunk in
 the connection's output buffer, which the event loop (or the worker) sends. What waitress leaves
-unbounded, `Channel` bounds, checked once a second by the event loop (`Server.maintenance`):
+unbounded, `Channel` bounds, checked once a second by the event loop (`Server.run`):
 
 - receiving: a request must arrive whole within `receive_timeout` seconds of its first byte,
   plus one second per `MIN_RECEIVE_RATE` bytes received. waitress' own `channel_timeout` counts
@@ -40,6 +40,7 @@ from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.wasyncore import poll2
 
 from nanovllm.server.errors import error_body
 
@@ -196,7 +197,8 @@ class Channel(HTTPChannel):
 
 
 class Server(TcpWSGIServer):
-    """One listening socket; its channels are `Channel`s, its maintenance enforces `Deadlines`."""
+    """One listening socket; its channels are `Channel`s; its event loop (`run`, which serves
+    every listening socket of the map) enforces `Deadlines`."""
 
     channel_class = Channel
 
@@ -217,14 +219,34 @@ class Server(TcpWSGIServer):
         super().set_socket_options(conn)  # TCP_NODELAY
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
+    def run(self) -> None:
+        """waitress' event loop (poll(), not select(): no limit of 1,024 descriptors), with the
+        deadlines checked between its passes."""
+        next_check = 0.0
+        try:
+            while self._map:
+                now = time.time()
+                if now >= next_check:
+                    next_check = now + self.adj.cleanup_interval
+                    self.close_overdue(now)
+                poll2(self.adj.asyncore_loop_timeout, self._map)
+        except (SystemExit, KeyboardInterrupt):
+            self.task_dispatcher.shutdown()
+
     def maintenance(self, now: float) -> None:
-        # Replaces waitress' (channel_timeout): the event loop calls it every cleanup_interval.
+        # waitress calls this from readable(), in the middle of a pass that has already listed
+        # the descriptors it polls: a channel closed there leaves a stale entry that poll()
+        # reports as POLLNVAL, and if an accept later in the pass reuses the descriptor,
+        # waitress closes the new connection for it. close_overdue runs between passes instead.
+        pass
+
+    def close_overdue(self, now: float) -> None:
+        """Close every connection past a deadline, at once: waitress' will_close acts only
+        once the socket is writable, which a client that reads nothing never makes it."""
         closed = Counter()
-        for channel in list(self.active_channels.values()):
+        for channel in [c for c in self._map.values() if isinstance(c, Channel)]:
             reason = channel.overdue(now, self.deadlines)
             if reason is not None:
-                # At once: waitress' will_close acts only once the socket is writable, which a
-                # client that reads nothing never makes it.
                 channel.handle_close()
                 closed[reason] += 1
         if closed:

@@ -126,7 +126,8 @@ def _waitress_servers(state: ServerState, config: ServerConfig, connections: int
         threads=state.admission.limit + SPARE_THREADS,
         connection_limit=connections,
         backlog=2048,
-        # select() cannot watch descriptors above 1024; poll() has no such limit.
+        # select() cannot watch descriptors above 1024; poll() has no such limit (Server.run
+        # always polls; this says so to anything else reading the adjustments).
         asyncore_use_poll=True,
         # Bodies over our limit are refused by waitress before it buffers them, with a JSON
         # 413 and a lingering close (connections.py).
@@ -135,7 +136,7 @@ def _waitress_servers(state: ServerState, config: ServerConfig, connections: int
         # Keeps a channel readable while its request runs, so a client that closes its
         # connection is noticed at once (the close wakes the request thread).
         channel_request_lookahead=1,
-        # The deadlines in Deadlines are checked at this interval (seconds, an int).
+        # Server.run checks the deadlines at this interval (seconds, an int).
         cleanup_interval=1,
     )
 
