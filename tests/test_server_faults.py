@@ -260,6 +260,27 @@ def test_a_client_leaving_while_queued_is_aborted_before_it_runs(server):
         time.sleep(0.05)
 
 
+def test_no_error_message_names_the_model_path(server, checkpoint):
+    # Without --served-model-name the model's name is its path on the server; refusals of
+    # every kind must still not show it.
+    path, long_ids = str(checkpoint), list(range(3, 9000))
+    refusals = [
+        ("/v1/completions", {"prompt": "x", "model": "gpt-9"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "m"}),
+        ("/tokenize", {"prompt": "x", "model": "gpt-9"}),
+        ("/v1/completions", {"prompt": long_ids}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}),
+        ("/v1/completions", {"prompt": "x" * 200_000}),
+        ("/v1/completions", {"prompt": "x", "frobnicate": 1}),
+        ("/v1/nope", {"prompt": "x"}),
+    ]
+    for route, body in refusals:
+        response = server.post(route, body)
+        assert 400 <= response.status_code < 500, (route, response.text[:200])
+        assert path not in response.text, (route, response.text[:300])
+    assert server.get("/v1/models").json()["data"][0]["id"] == path  # the name is the path
+
+
 # ---- memory ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fresh_server(checkpoint, tmp_path_factory):

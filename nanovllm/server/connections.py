@@ -128,16 +128,24 @@ class Channel(HTTPChannel):
             self.receive_started = None
         return result
 
+    def write_soon(self, data) -> int:
+        # The send deadline counts from when output became pending, not from the last byte
+        # read: a stream that waited a minute in the engine's queue would be overdue the moment
+        # its first chunk is queued, before the worker flushes it. Stamped before the output is
+        # added, since the event loop reads the two in the other order, without a lock.
+        if data and not self.total_outbufs_len:
+            self.last_activity = time.time()
+        return super().write_soon(data)
+
     def overdue(self, now: float, deadlines: Deadlines) -> str | None:
         """Why this connection must close now, or None."""
         if self.lingering_since is not None:
             return "lingering" if now - self.lingering_since > deadlines.receive_timeout else None
-        if self.receive_started is not None:
+        if self.receive_started is not None:  # a request is arriving: only its deadline counts
             allowed = deadlines.receive_timeout + self.received_bytes / MIN_RECEIVE_RATE
-            if now - self.receive_started > allowed:
-                return "receive timeout"
+            return "receive timeout" if now - self.receive_started > allowed else None
         if self.total_outbufs_len:
-            # waitress stamps last_activity when bytes leave (and when a request ends).
+            # last_activity: when bytes last left, or output became pending (write_soon).
             return "send timeout" if now - self.last_activity > deadlines.send_timeout else None
         if not self.requests and now - self.last_activity > deadlines.keep_alive_timeout:
             return "idle"
