@@ -9,6 +9,8 @@ per phase and a summary.
     python scripts/bench_server_load.py --clients 1000 --max-requests 64
 
 With --url (and --pid) it loads a server started elsewhere instead, e.g. another version.
+With --tokenize-calls N it first sends N /tokenize calls of --tokenize-chars characters, one
+after another, and reports the server's RSS after 1, 5 and N of them.
 """
 
 from __future__ import annotations
@@ -120,6 +122,19 @@ def server_vocabulary(url: str) -> tuple[str, list[int]]:
     return model, sorted(set(call("/tokenize", {"prompt": text})["tokens"]))
 
 
+def tokenize_rss(url: str, sampler: ProcessSampler, calls: int, chars: int) -> None:
+    text = ("The quick brown fox jumps over the lazy dog 42. " * (chars // 48 + 1))[:chars]
+    body = json.dumps({"prompt": text}).encode()
+    for i in range(1, calls + 1):
+        request = urllib.request.Request(url + "/tokenize", body, {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=300) as response:
+            count = json.loads(response.read())["count"]
+        if i in (1, 5, calls):
+            rss, threads, _ = sampler.sample()
+            print(json.dumps({"phase": f"after {i} /tokenize calls of {chars} characters",
+                              "tokens": count, "rss_mib": round(rss)}), flush=True)  # fmt: skip
+
+
 def report(name: str, result: ServeResult, sampler: ProcessSampler, cpu_s: float) -> dict:
     row = {
         "phase": name, "completed": result.completed, "errored": result.errored,
@@ -146,6 +161,8 @@ def main() -> int:
     parser.add_argument("--server-flag", action="append", default=[], help="extra serve flags")
     parser.add_argument("--url", default=None, help="a running server to load instead")
     parser.add_argument("--pid", type=int, default=None, help="its process id (with --url)")
+    parser.add_argument("--tokenize-calls", type=int, default=0)
+    parser.add_argument("--tokenize-chars", type=int, default=600_000)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,11 +177,14 @@ def main() -> int:
         print(json.dumps({"phase": "idle", "rss_mib": round(idle_rss), "threads": idle_threads}))
         threading.Thread(target=sampler.run, daemon=True).start()
         try:
+            if args.tokenize_calls:
+                tokenize_rss(url, sampler, args.tokenize_calls, args.tokenize_chars)
             name, vocabulary = server_vocabulary(url)
             prompts, outputs = workload(args, vocabulary, args.clients, seed=0)
-            cpu = sampler.cpu_seconds()
-            result = run_serve_bench(url, name, prompts, outputs, concurrency=args.clients)
-            report(f"{args.clients} clients", result, sampler, sampler.cpu_seconds() - cpu)
+            if args.clients:
+                cpu = sampler.cpu_seconds()
+                result = run_serve_bench(url, name, prompts, outputs, concurrency=args.clients)
+                report(f"{args.clients} clients", result, sampler, sampler.cpu_seconds() - cpu)
             for round_ in range(1, args.soak_rounds + 1):
                 sampler.reset()
                 prompts, outputs = workload(args, vocabulary, args.soak_streams, seed=round_)
