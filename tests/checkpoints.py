@@ -200,6 +200,14 @@ def _tied(vocab: int) -> PretrainedConfig:
     return LlamaConfig(vocab_size=vocab, num_key_value_heads=1, tie_word_embeddings=True, **SMALL)
 
 
+def _llama3_long(vocab: int) -> PretrainedConfig:
+    # The llama3 kind with room for long generations (server tests of long streams); a
+    # random model's position limit costs nothing until the tokens exist.
+    config = _llama3(vocab)
+    config.max_position_embeddings = 8192
+    return config
+
+
 SPECS: dict[str, Spec] = {
     "llama3": Spec(_llama3, seed=1),
     "llama_linear": Spec(_llama_linear, seed=2, legacy_config=True),
@@ -214,6 +222,7 @@ SPECS: dict[str, Spec] = {
     "mixtral": Spec(_mixtral, seed=11),
     "qwen3_moe": Spec(_qwen3_moe, seed=12),
     "qwen2_moe": Spec(_qwen2_moe, seed=13),
+    "llama3_long": Spec(_llama3_long, seed=1),  # not in KINDS: the same model as llama3
 }
 
 

@@ -80,6 +80,7 @@ def test_bench_serve_against_a_running_server(model, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["num_requests"] == 6 and report["failed"] == 0
+    assert (report["completed"], report["errored"], report["lost"]) == (6, 0, 0)
     assert report["output_tokens"] == 6 * 5
     for name in ("ttft_ms", "tpot_ms", "itl_ms"):
         stats = report[name]
@@ -87,3 +88,20 @@ def test_bench_serve_against_a_running_server(model, tmp_path):
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
     # The time to first token cannot exceed the whole run.
     assert report["ttft_ms"]["p99"] <= 1000 * report["duration_s"]
+
+
+def test_bench_serve_counts_refusals_as_errored_not_lost(model, tmp_path):
+    # One slot and no queue: of 6 requests sent 3 at a time, some are refused with 503.
+    server = start_server(model, tmp_path, "--max-requests", "1", "--max-waiting", "0")
+    try:
+        result = run_cli(
+            "bench", "serve", "--url", server.url, "--num-prompts", "6", "--input-len", "4",
+            "--output-len", "60", "--concurrency", "3", "--json",
+        )  # fmt: skip
+    finally:
+        assert server.stop() == 0, server.log()
+    assert result.returncode == 1, result.stderr  # some failed
+    report = json.loads(result.stdout)
+    assert report["errored"] >= 1 and report["lost"] == 0
+    assert report["completed"] + report["errored"] == 6
+    assert all(error.startswith("HTTP 503") for error in report["errors"])

@@ -252,7 +252,15 @@ BAD_REQUESTS = [
     ("prompt-mixed-list", COMP, {"prompt": ["a", 1]}, {}, 400, "prompt"),
     ("max-tokens-negative", COMP, {"prompt": "x", "max_tokens": -1}, {}, 400, "max_tokens"),
     ("max-tokens-string", COMP, {"prompt": "x", "max_tokens": "10"}, {}, 400, "max_tokens"),
-    ("max-tokens-huge", COMP, {"prompt": "x", "max_tokens": 10**6}, {}, 400, None),
+    ("max-tokens-huge", COMP, {"prompt": "x", "max_tokens": 10**6}, {}, 400, "max_tokens"),
+    (
+        "max-completion-tokens-huge",
+        CHAT,
+        {"messages": USER, "max_completion_tokens": 10**6},
+        {},
+        400,
+        "max_completion_tokens",
+    ),  # fmt: skip
     (
         "max-completion-tokens-zero",
         CHAT,
@@ -304,9 +312,40 @@ BAD_REQUESTS = [
         400,
         "stream_options",
     ),  # fmt: skip
-    ("unknown-model", COMP, {"prompt": "x", "model": "gpt-9"}, {}, 400, "model"),
-    ("prompt-too-long", COMP, {"prompt": TOO_LONG, "max_tokens": 1}, {}, 400, None),
-    ("token-id-out-of-vocab", COMP, {"prompt": [99999]}, {}, 400, None),
+    ("unknown-model", COMP, {"prompt": "x", "model": "gpt-9"}, {}, 404, "model"),
+    ("unknown-model-tokenize", "/tokenize", {"prompt": "x", "model": "gpt-9"}, {}, 404, "model"),
+    ("prompt-too-long", COMP, {"prompt": TOO_LONG, "max_tokens": 1}, {}, 400, "prompt"),
+    (
+        "prompt-too-long-chat",
+        CHAT,
+        {"messages": [{"role": "user", "content": "ab " * 200}]},
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("prompt-over-char-bound", COMP, {"prompt": "x" * 60_000}, {}, 400, "prompt"),
+    (
+        "chat-over-char-bound",
+        CHAT,
+        {"messages": [{"role": "user", "content": "x" * 60_000}]},
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("tokenize-over-char-bound", "/tokenize", {"prompt": "x" * 60_000}, {}, 400, "prompt"),
+    ("token-id-out-of-vocab", COMP, {"prompt": [99999]}, {}, 400, "prompt"),
+    ("deep-json", COMP, b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", {}, 400, None),
+    ("surrogate-prompt", COMP, b'{"prompt": "a\\ud800b"}', {}, 400, "prompt"),
+    ("surrogate-in-list", COMP, b'{"prompt": ["ok", "\\udfff"]}', {}, 400, "prompt"),
+    (
+        "surrogate-chat",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}',
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("surrogate-tokenize", "/tokenize", b'{"prompt": "\\udc00"}', {}, 400, "prompt"),
     ("suffix-refused", COMP, {"prompt": "x", "suffix": "end"}, {}, 400, "suffix"),
     ("best-of-refused", COMP, {"prompt": "x", "best_of": 2}, {}, 400, "best_of"),
     ("tools-refused", CHAT, {"messages": USER, "tools": [{"type": "function"}]}, {}, 400, "tools"),
@@ -363,6 +402,31 @@ def test_bad_request_gets_openai_error(server, path, body, headers, status, para
 def test_prompt_too_long_message_gives_both_lengths(server):
     error = assert_openai_error(server.post(COMP, {"prompt": TOO_LONG}), 400)
     assert "300" in error["message"] and "256" in error["message"]
+
+
+def test_a_surrogate_pair_is_one_character_not_an_error(server, llm):
+    # The escaped pair \ud83d\ude42 is U+1F642; only a lone half is refused.
+    raw = b'{"prompt": "\\ud83d\\ude42"}'
+    response = server.post("/tokenize", data=raw, headers={"Content-Type": "application/json"})
+    assert response.json()["tokens"] == llm.tokenizer.encode("\U0001f642")
+
+
+def test_a_20_mb_body_gets_a_readable_413(server):
+    # The server refuses it from its Content-Length, then reads and drops the rest, so the
+    # client, which sends the whole body before reading, still gets the answer.
+    body = b'{"prompt": "' + b"x" * 20_000_000 + b'"}'
+    response = server.post(COMP, data=body, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 413)
+    assert "20000014" in error["message"] and "65536" in error["message"]
+    assert server.get("/health").status_code == 200
+
+
+def test_requests_beyond_the_character_bound_name_the_bound(server):
+    # 256 tokens x 13 characters (the longest entry of the test vocabulary) = 3,328.
+    fits = assert_openai_error(server.post(COMP, {"prompt": "ab " * 1100}), 400)  # 3,300 chars
+    over = assert_openai_error(server.post(COMP, {"prompt": "ab " * 1110}), 400)  # 3,330 chars
+    assert "tokens" in fits["message"] and "characters" not in fits["message"]
+    assert "3330 characters" in over["message"] and "3328" in over["message"]
 
 
 def test_wrong_method_gets_405(server):

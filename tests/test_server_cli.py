@@ -25,12 +25,21 @@ def test_defaults_of_the_original_design():
     assert args.api_key is None and args.served_model_name is None and args.draft_model is None
 
 
+def test_defaults_of_the_traffic_limits():
+    # 8 running + 1,024 waiting admits 1,000 concurrent clients; deadlines as in docs/api.md.
+    args = parse()
+    assert args.max_waiting == 1024
+    assert (args.receive_timeout, args.send_timeout, args.keep_alive_timeout) == (10, 30, 30)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--port", "70000"], "--port must be in [0, 65535]"),
         (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
         (["--api-key", ""], "--api-key must not be empty"),
+        (["--send-timeout", "0"], "--send-timeout must be > 0"),
+        (["--receive-timeout", "-1"], "--receive-timeout must be > 0"),
         (["--model", "/nonexistent/model"], "/nonexistent/model"),
     ],
 )

@@ -1,18 +1,21 @@
 """The Falcon WSGI app: routes, API-key check, JSON bodies, and serving generation requests.
 
-Request threads (waitress workers) validate a request (protocol.py), take an admission slot,
-hand the prompts to the engine thread and then either wait for the final outputs or stream
-them as server-sent events. They never call the engine themselves; the tokenizer (thread-safe)
-is used here only for /tokenize, /detokenize, chat templates and logprob token strings.
+Request threads (waitress workers) validate a request (protocol.py), check its prompts' size
+(limits.py), take an admission slot, hand the prompts to the engine thread and then either wait
+for the final outputs or stream them as server-sent events; the connection's close wakes them
+(connections.py). They never call the engine themselves; the tokenizer (thread-safe) is used
+here only for /tokenize, /detokenize, chat templates and logprob token strings.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import falcon
 
@@ -22,6 +25,7 @@ from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.server.admission import Admission
 from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
+from nanovllm.server.limits import PromptLimit
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.server.protocol import (
     GenerateRequest,
@@ -34,6 +38,8 @@ from nanovllm.server.protocol import (
 from nanovllm.server.responses import ResponseBuilder
 from nanovllm.server.streaming import EventStream, stream_events
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 ROUTES = (
     ("/v1/completions", "completions"),
     ("/v1/chat/completions", "chat"),
@@ -57,6 +63,7 @@ class ServerState:
     metrics: ServerMetrics
     admission: Admission
     max_model_len: int
+    prompt_limit: PromptLimit
     model_root: str  # what --model pointed at
     max_body_bytes: int
     api_key: str | None = None
@@ -113,17 +120,23 @@ class Routes:
     ) -> None:
         state = self.state
         request = parse(read_json(req, state.max_body_bytes), state.protocol)
+        for prompt in request.prompts:
+            if isinstance(prompt, str):
+                state.prompt_limit.check(prompt, request.prompt_field)
         state.admission.enter()
         try:
             sub = self._submit(request)
         except BaseException:
             state.admission.leave()
             raise
+        on_close = req.env.get("nanovllm.on_close")
+        if on_close is not None:  # only under our waitress server (connections.py)
+            on_close(lambda: state.engine.client_gone(sub))
         builder = ResponseBuilder(request, state.tokenizer, state.protocol.model_name)
         if request.stream:
             self._stream(resp, sub, builder, request.include_usage)
         else:
-            self._respond(req, resp, sub, builder)
+            self._respond(resp, sub, builder)
 
     def _submit(self, request: GenerateRequest) -> Submission:
         # A stream reads what is new at each step; a plain response only the finished output.
@@ -132,23 +145,19 @@ class Routes:
         try:
             return self.state.engine.submit(request.prompts, params, request.add_special_tokens)
         except ValueError as e:  # the engine's checks: prompt length, token ids, max_tokens
-            raise bad_request(str(e)) from e
+            raise bad_request(str(e), _refused_field(str(e), request)) from e
         except EngineFailure as e:
-            raise APIError(503, str(e), code="shutting_down") from e
+            raise APIError(503, str(e), code=e.code) from e
 
-    def _respond(
-        self, req: falcon.Request, resp: falcon.Response, sub: Submission, builder: ResponseBuilder
-    ) -> None:
+    def _respond(self, resp: falcon.Response, sub: Submission, builder: ResponseBuilder) -> None:
         engine = self.state.engine
         try:
-            # waitress tells whether the client is still there (channel_request_lookahead).
-            gone = req.env.get("waitress.client_disconnected")
-            finals = {i: out for i, out in engine.results(sub, gone) if out.finished}
+            finals = {i: out for i, out in engine.results(sub) if out.finished}
             resp.media = builder.response([finals[i] for i in range(len(sub.prompts))])
         except ClientGone:
             resp.status = 499  # nginx's "client closed request"; nobody reads it
         except EngineFailure as e:
-            raise APIError(503, str(e), code="engine_failure") from e
+            raise APIError(503, str(e), code=e.code) from e
         finally:
             engine.abort(sub)  # a no-op unless something above failed
             self.state.admission.leave()
@@ -213,6 +222,7 @@ class Routes:
     def on_post_tokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
         state = self.state
         request = parse_tokenize(read_json(req, state.max_body_bytes), state.protocol)
+        state.prompt_limit.check(request.text, request.field)
         tokens = state.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
         strs = [state.tokenizer.id_to_token(t) for t in tokens] if request.return_token_strs else None  # fmt: skip
         resp.media = {
@@ -226,6 +236,15 @@ class Routes:
         state = self.state
         tokens = parse_detokenize(read_json(req, state.max_body_bytes), state.protocol)
         resp.media = {"prompt": state.tokenizer.decode(tokens)}
+
+
+def _refused_field(message: str, request: GenerateRequest) -> str | None:
+    """The field an engine refusal is about: the engine names it only in its message."""
+    if message.startswith("prompt"):  # too long, or a token id outside the vocabulary
+        return request.prompt_field
+    if "to generate" in message:  # max_tokens beyond the room the prompt leaves
+        return request.max_tokens_field
+    return None
 
 
 def read_json(req: falcon.Request, limit: int) -> dict:
@@ -245,10 +264,36 @@ def read_json(req: falcon.Request, limit: int) -> dict:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
         raise bad_request(f"the body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise bad_request("the body is nested too deeply", code="invalid_json") from e
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
+    _reject_surrogates(raw, body)
     return body
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _reject_surrogates(raw: bytes, body: dict) -> None:
+    """400 for a string holding a lone UTF-16 surrogate: JSON's escapes allow `"\\ud800"`, but
+    it is no character, and neither the tokenizer nor UTF-8 can take it."""
+    if not _ESCAPED_SURROGATE.search(raw):
+        return  # the common case: no string of the body can hold one
+    stack: list[tuple[Any, str]] = [(key, key) for key in body]
+    stack += [(value, key) for key, value in body.items()]
+    while stack:  # no recursion: the depth is the client's choice
+        value, field = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise bad_request(
+                f"{field} holds a lone UTF-16 surrogate (an escape between \\ud800 and "
+                "\\udfff that is not half of a pair), which is not valid Unicode",
+                field,
+                "invalid_json",
+            )
+        if isinstance(value, dict):
+            stack += [(key, field) for key in value]
+            stack += [(item, field) for item in value.values()]
+        elif isinstance(value, list):
+            stack += [(item, field) for item in value]

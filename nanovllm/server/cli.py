@@ -45,8 +45,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-waiting",
         type=int,
-        default=64,
-        help="requests that may wait beyond --max-requests; more get 503 at once",
+        default=1024,
+        help="requests that may wait in the engine's queue beyond --max-requests (each holds a "
+        "worker thread); more get 503 with Retry-After at once",
     )
     g.add_argument(
         "--grace-period",
@@ -56,6 +57,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-body-size", type=int, default=4 * 1024 * 1024, help="bytes; larger bodies get 413")  # fmt: skip
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats log lines")  # fmt: skip
+    g.add_argument(
+        "--receive-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client gets to send a whole request from its first byte (plus 1 s per "
+        "64 KiB received); then the connection is closed",
+    )
+    g.add_argument(
+        "--send-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may leave its response or stream unread; then the connection is "
+        "closed and its request aborted",
+    )
+    g.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an idle connection stays open",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -76,6 +97,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     _require(args.grace_period >= 0, f"--grace-period must be >= 0, got {args.grace_period}")
     _require(args.max_body_size > 0, f"--max-body-size must be > 0, got {args.max_body_size}")
     _require(args.log_interval > 0, f"--log-interval must be > 0, got {args.log_interval}")
+    for flag in ("receive_timeout", "send_timeout", "keep_alive_timeout"):
+        value = getattr(args, flag)
+        _require(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     _require(args.api_key != "", "--api-key must not be empty")
     return ServerConfig(
         host=args.host,
@@ -85,6 +109,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         grace_period=args.grace_period,
         max_body_bytes=args.max_body_size,
         log_interval=args.log_interval,
+        receive_timeout=args.receive_timeout,
+        send_timeout=args.send_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
     )
 
 

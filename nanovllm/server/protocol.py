@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.server.errors import bad_request
+from nanovllm.server.errors import APIError, bad_request
 
 Prompt = str | list[int]
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
@@ -78,6 +78,8 @@ class GenerateRequest:
     stream: bool
     include_usage: bool
     echo: bool = False
+    prompt_field: str = "prompt"  # what errors about the prompt name: "prompt" or "messages"
+    max_tokens_field: str = "max_tokens"  # or "max_completion_tokens", as the request said
 
     @property
     def num_choices(self) -> int:
@@ -118,8 +120,10 @@ def parse_chat(body: dict, ctx: ProtocolContext) -> GenerateRequest:
     except ValueError as e:  # the template refused the conversation, or there is none
         raise bad_request(str(e), "messages") from e
     # The template already holds the BOS token if the model wants one.
-    return _request(body, ctx, "chat", [prompt], changes, add_special_tokens=False,
-                    aliases={"max_tokens": max_name})  # fmt: skip
+    request = _request(body, ctx, "chat", [prompt], changes, add_special_tokens=False,
+                       aliases={"max_tokens": max_name})  # fmt: skip
+    request.prompt_field, request.max_tokens_field = "messages", max_name
+    return request
 
 
 def _request(
@@ -145,6 +149,7 @@ class TokenizeRequest:
     text: str
     add_special_tokens: bool
     return_token_strs: bool
+    field: str = "prompt"  # where the text came from: "prompt" or "messages"
 
 
 def parse_tokenize(body: dict, ctx: ProtocolContext) -> TokenizeRequest:
@@ -165,7 +170,7 @@ def parse_tokenize(body: dict, ctx: ProtocolContext) -> TokenizeRequest:
         text = ctx.render_chat(messages, add_generation_prompt=add_generation_prompt)
     except ValueError as e:
         raise bad_request(str(e), "messages") from e
-    return TokenizeRequest(text, special is True, strs)
+    return TokenizeRequest(text, special is True, strs, "messages")
 
 
 def parse_detokenize(body: dict, ctx: ProtocolContext) -> list[int]:
@@ -235,14 +240,13 @@ def _chat_logprobs(body: dict) -> int | None:
 
 
 def check_model(body: dict, ctx: ProtocolContext) -> None:
-    """`model` may be left out; if given, it must name the model this server serves."""
+    """`model` may be left out; if given, it must name the model this server serves. Otherwise
+    404, as OpenAI and vLLM answer; the message names no served model (that name may be a path
+    on the server) and quotes at most 100 characters of the client's."""
     model = _typed(body, "model", str)
     if model is not None and model not in ctx.accepted_names:
-        raise bad_request(
-            f"the model '{model}' does not exist; this server serves '{ctx.model_name}'",
-            "model",
-            "model_not_found",
-        )
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        raise APIError(404, f"the model '{shown}' does not exist", "model", "model_not_found")
 
 
 # ---- prompts and messages ----------------------------------------------------------------

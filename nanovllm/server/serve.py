@@ -1,9 +1,12 @@
 """Run the server: load the engine, size waitress, serve, and shut down gracefully on a signal.
 
-waitress holds one worker thread per open stream, so its thread pool is sized from the
-admission bound (max-requests + max-waiting) plus a few spare threads that answer /health,
-/metrics and the 503s beyond the bound. On SIGINT/SIGTERM the server stops listening, lets the
-requests in flight finish within a grace period, ends the rest with a final error, and exits 0.
+Connections live in waitress' event loop (connections.py: deadlines for slow and stalled
+clients) and cost no thread; a request in flight holds one worker thread that waits on its
+queue, so the pool has a thread for every request admission lets in (max-requests +
+max-waiting) plus spares that answer /health, /metrics, /tokenize and the 503s beyond the
+bound. Why this arrangement: docs/architecture.md. On SIGINT/SIGTERM the server stops
+listening, lets the requests in flight finish within a grace period, ends the rest with a final
+error, and exits 0.
 """
 
 from __future__ import annotations
@@ -14,25 +17,26 @@ import threading
 import time
 from dataclasses import dataclass
 
-import waitress
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer
 from waitress.wasyncore import dispatcher
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.assembly import build_engine
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.server import process
 from nanovllm.server.admission import Admission
 from nanovllm.server.app import ServerState, build_app
+from nanovllm.server.connections import Deadlines, Server, create_servers
 from nanovllm.server.engine_thread import EngineThread
+from nanovllm.server.limits import PromptLimit
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.server.protocol import ProtocolContext
 
 logger = logging.getLogger("nanovllm.server")
 
-SPARE_THREADS = 4  # beyond the admission bound: health, metrics, tokenize, 503 answers
+SPARE_THREADS = 8  # beyond the admission bound: health, metrics, tokenize, 503 answers
 # How long, after the grace period, ended streams get to write their last chunk.
-FINAL_WRITE_S = 2.0
+FINAL_WRITE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -40,10 +44,17 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str | None = None
-    max_waiting: int = 64
+    max_waiting: int = 1024
     grace_period: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
     log_interval: float = 5.0
+    receive_timeout: float = 10.0
+    send_timeout: float = 30.0
+    keep_alive_timeout: float = 30.0
+
+    @property
+    def deadlines(self) -> Deadlines:
+        return Deadlines(self.receive_timeout, self.send_timeout, self.keep_alive_timeout)
 
 
 def build_state(
@@ -70,8 +81,11 @@ def build_state(
         tokenizer=tokenizer,
         protocol=protocol,
         metrics=metrics,
-        admission=Admission(engine.config.max_num_seqs + config.max_waiting),
+        admission=Admission(
+            engine.config.max_num_seqs + config.max_waiting, engine.config.max_num_seqs
+        ),
         max_model_len=engine.max_model_len,
+        prompt_limit=PromptLimit.of(tokenizer, engine.max_model_len),
         model_root=engine.config.model,
         max_body_bytes=config.max_body_bytes,
         api_key=config.api_key,
@@ -82,38 +96,49 @@ def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides:
     """Serve until SIGINT/SIGTERM; return the exit code (0 after a graceful shutdown)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop_loading)  # nothing is in flight yet: just leave
+    if not process.limit_malloc_arenas():
+        logger.warning("could not limit malloc arenas (not glibc?); RSS may grow with threads")
+    open_files = process.raise_open_files_limit()
     engine = build_engine(engine_config)
     state = build_state(engine, config, sampling_overrides, engine_config.name)
-    server = _waitress_server(state, config)
+    servers = _waitress_servers(state, config, process.connection_limit(open_files))
     state.engine.start()
-    shutdown = GracefulShutdown(server, state, config.grace_period)
+    shutdown = GracefulShutdown(servers, state, config.grace_period)
     shutdown.install()
+    adj = servers[0].adj
     logger.info(
-        "serving %s on http://%s:%s (max %d running + %d waiting requests, %d worker threads)",
-        engine_config.name, config.host, server.effective_port, engine_config.max_num_seqs,
-        config.max_waiting, server.adj.threads,
+        "serving %s on http://%s:%s (max %d running + %d waiting requests, %d worker threads, "
+        "%d connections)",
+        engine_config.name, config.host, servers[0].effective_port, engine_config.max_num_seqs,
+        config.max_waiting, adj.threads, adj.connection_limit,
     )  # fmt: skip
-    server.run()
+    servers[0].run()  # one event loop serves every listening socket
     state.engine.stop()
     logger.info("server stopped")
     return 0
 
 
-def _waitress_server(state: ServerState, config: ServerConfig) -> BaseWSGIServer:
-    threads = state.admission.limit + SPARE_THREADS
-    return waitress.create_server(
+def _waitress_servers(state: ServerState, config: ServerConfig, connections: int) -> list[Server]:
+    return create_servers(
         build_app(state),
+        config.deadlines,
         host=config.host,
         port=config.port,
-        threads=threads,
-        # Idle keep-alive connections count too; leave room so a 503 can always get through.
-        connection_limit=2 * threads + 16,
-        # Above our own limit, so that our handler (not waitress) answers 413 in OpenAI's shape.
-        max_request_body_size=4 * config.max_body_bytes,
+        threads=state.admission.limit + SPARE_THREADS,
+        connection_limit=connections,
+        backlog=2048,
+        # select() cannot watch descriptors above 1024; poll() has no such limit (Server.run
+        # always polls; this says so to anything else reading the adjustments).
+        asyncore_use_poll=True,
+        # Bodies over our limit are refused by waitress before it buffers them, with a JSON
+        # 413 and a lingering close (connections.py).
+        max_request_body_size=config.max_body_bytes + 1,
         ident="nanovllm",
-        # Lets a handler see that its client left (waitress.client_disconnected), so a
-        # non-streamed request is aborted instead of generating for nobody.
+        # Keeps a channel readable while its request runs, so a client that closes its
+        # connection is noticed at once (the close wakes the request thread).
         channel_request_lookahead=1,
+        # Server.run checks the deadlines at this interval (seconds, an int).
+        cleanup_interval=1,
     )
 
 
@@ -125,8 +150,8 @@ def _stop_loading(signum: int, frame) -> None:
 class GracefulShutdown:
     """First signal: stop listening, drain within the grace period, then stop. Second: hurry."""
 
-    def __init__(self, server: BaseWSGIServer, state: ServerState, grace_period: float) -> None:
-        self.server = server
+    def __init__(self, servers: list[Server], state: ServerState, grace_period: float) -> None:
+        self.servers = servers
         self.state = state
         self.grace_period = grace_period
         self.started = False
@@ -155,7 +180,9 @@ class GracefulShutdown:
         # Refuse new connections at once; open ones (and waitress' trigger) keep working. The
         # close runs from the event loop (the trigger), not here: this handler may interrupt a
         # select() that is about to be retried on the listening socket.
-        self.server.trigger.pull_trigger(lambda: dispatcher.close(self.server))
+        trigger = self.servers[0].trigger
+        for server in self.servers:
+            trigger.pull_trigger(lambda server=server: dispatcher.close(server))
         threading.Thread(target=self._drain, name="nanovllm-shutdown", daemon=True).start()
 
     def _drain(self) -> None:
@@ -169,12 +196,12 @@ class GracefulShutdown:
         # Also refuses anything that slipped in between admission and submission.
         self.state.engine.shut_down("the server is shutting down")
         admission.wait_idle(FINAL_WRITE_S)
-        _wait_flushed(self.server, FINAL_WRITE_S)
+        _wait_flushed(self.servers[0], FINAL_WRITE_S)
         self.drained.set()
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
-def _wait_flushed(server: BaseWSGIServer, timeout: float) -> None:
+def _wait_flushed(server: Server, timeout: float) -> None:
     """Wait until waitress has sent every response byte (the last chunks of ended streams)."""
     # waitress has no public API for this; its channels' pending requests and output buffers
     # say whether anything is still on its way.
