@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from nanovllm.engine.sequence import Sequence
 
-
 HOLE = -1  # a block-table entry whose block went back to the pool (outside every window)
 
 
