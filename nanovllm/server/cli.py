@@ -77,6 +77,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds an idle connection stays open",
     )
+    g.add_argument(
+        "--disable-access-log",
+        "--disable-uvicorn-access-log",  # vLLM's name for it
+        action="store_true",
+        help="do not log a line per finished or refused request",
+    )
+    g.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (the tokenizer's configuration and chat template, as "
+        "vLLM does; lm-eval's tokenizer_backend=remote needs it)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,6 +124,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         receive_timeout=args.receive_timeout,
         send_timeout=args.send_timeout,
         keep_alive_timeout=args.keep_alive_timeout,
+        access_log=not args.disable_access_log,
+        tokenizer_info=args.enable_tokenizer_info_endpoint,
     )
 
 

@@ -51,6 +51,8 @@ class ServerConfig:
     receive_timeout: float = 10.0
     send_timeout: float = 30.0
     keep_alive_timeout: float = 30.0
+    access_log: bool = True
+    tokenizer_info: bool = False
 
     @property
     def deadlines(self) -> Deadlines:
@@ -89,6 +91,8 @@ def build_state(
         model_root=engine.config.model,
         max_body_bytes=config.max_body_bytes,
         api_key=config.api_key,
+        access_log=config.access_log,
+        tokenizer_info=config.tokenizer_info,
     )
 
 
