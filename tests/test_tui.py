@@ -120,11 +120,13 @@ async def wait_for(pilot, condition) -> None:
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, labels without model_name) -> value: the test's own reading of /metrics."""
+    """(sample name, labels without model_name and engine) -> value: the test's own reading."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            labels = tuple(
+                sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))
+            )
             out[(s.name, labels)] = s.value
     return out
 

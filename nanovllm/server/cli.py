@@ -7,12 +7,18 @@ nanovllm.server.cli [flags]` runs the same command without the word `serve`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING
 
-from nanovllm.args import add_engine_args, add_sampling_args, engine_config, sampling_overrides
+from nanovllm.args import (
+    add_engine_args,
+    add_sampling_args,
+    engine_config,
+    sampling_overrides,
+    setup_logging,
+)
 from nanovllm.errors import NanovllmError
 
 API_KEY_ENV = "NANOVLLM_API_KEY"
@@ -34,7 +40,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
     add_sampling_args(parser)
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: all IPv4)")
     g.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     g.add_argument(
         "--api-key",
@@ -92,13 +98,38 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from nanovllm.sampling_params import SamplingParams
     from nanovllm.server.serve import serve  # falcon and waitress load only when serving
 
+    # Every check that needs no model runs before the model loads: flags, then the port.
     config = engine_config(args)
     config.served_model_name = args.served_model_name
     server = server_config(args)
-    _setup_logging()
+    SamplingParams(**sampling_overrides(args))  # the sampling flags' ranges
+    check_port(server.host, server.port)
+    setup_logging()
     return serve(config, server, sampling_overrides(args))
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one line naming it, a port something already listens on (or a host that
+    does not resolve), before the model loads; waitress binds it again once the model is in."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)  # fmt: skip
+    except socket.gaierror as e:
+        raise NanovllmError(f"cannot listen on --host {host}: {e.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress binds
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise NanovllmError(
+                    f"port {port} is not available on {host}: {e.strerror} (pick another with "
+                    "--port, or 0 for a free one)"
+                ) from None
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -132,14 +163,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise NanovllmError(message)
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
-        datefmt="%m-%d %H:%M:%S",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
