@@ -50,6 +50,7 @@ class RequestMetrics:
     num_generation_tokens: int
     scheduled_time: float | None = None
     last_token_time: float | None = None
+    max_num_generation_tokens: int = 0  # of the longest of its n samples
 
     @property
     def time_to_first_token(self) -> float | None:

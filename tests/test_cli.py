@@ -91,7 +91,7 @@ def test_generate_streams_the_text_piece_by_piece(model, monkeypatch, capsys):
     [
         (["--max-tokens", "0"], ["max_tokens"], False),
         (["--max-tokens", "-1"], ["max_tokens"], False),
-        (["--model", "/nonexistent"], ["/nonexistent", "does not exist"], True),  # read first
+        (["--model", "/nonexistent"], ["/nonexistent", "does not exist"], False),
         (["--temperature", "-1"], ["temperature"], False),
         (["--top-p", "1.5"], ["top_p"], False),
         (["--num-blocks", "0"], ["num_blocks"], False),

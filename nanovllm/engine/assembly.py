@@ -30,7 +30,7 @@ from nanovllm.engine.sampler import Sampler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.spec_decode import DraftProposer, NgramProposer
 from nanovllm.errors import NanovllmError
-from nanovllm.models.loader import Checkpoint, build_model, load_checkpoint
+from nanovllm.models.loader import Checkpoint, build_model, check_model_exists, load_checkpoint
 from nanovllm.models.model_config import ModelConfig
 
 DEFAULT_NUM_BLOCKS = 512  # `--num-blocks auto` without device memory to size from
@@ -46,7 +46,11 @@ class Models:
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Each phase logs its duration at INFO (`nanovllm serve` and `generate` show them)."""
     start = time.perf_counter()
-    # First: a device or dtype the backend cannot serve fails before anything is read.
+    # First what fails without reading anything: a missing path, a device or dtype the
+    # backend cannot serve.
+    for model in (config.model, config.draft_model):
+        if model is not None:
+            check_model_exists(model)
     backend = get_backend(config.device, config.dtype)
     logger.info("set up the %s backend in %.1f s", backend.name, time.perf_counter() - start)
     with phase(f"reading {config.model} (config, tokenizer)", f"read {config.model}"):

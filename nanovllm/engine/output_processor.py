@@ -217,4 +217,5 @@ def _metrics(request: Request) -> RequestMetrics:
         num_generation_tokens=sum(s.num_output_tokens for s in seqs),
         scheduled_time=request.scheduled_time,
         last_token_time=max(last_times) if last_times else None,
+        max_num_generation_tokens=max((s.num_output_tokens for s in seqs), default=0),
     )

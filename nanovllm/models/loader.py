@@ -68,6 +68,12 @@ def _only_gguf(folder: Path) -> Path:
     return files[0]
 
 
+def check_model_exists(model: str) -> None:
+    """Fail at once on a local path that does not exist (nothing is read)."""
+    if model not in DEMO_MODELS and _looks_like_path(model) and not Path(model).expanduser().exists():  # fmt: skip
+        raise ModelLoadError(f"model path {model} does not exist")
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
 

@@ -113,7 +113,7 @@ class ServerMetrics:
         metrics = output.metrics
         if metrics is None:
             return
-        longest = max(len(choice.token_ids) for choice in output.outputs)
+        longest = metrics.max_num_generation_tokens  # a stream's last output holds a delta
         self.prompt_tokens.observe(metrics.num_prompt_tokens)
         self.generation_tokens.observe(metrics.num_generation_tokens)
         self.max_generation_tokens.observe(longest)
