@@ -342,8 +342,22 @@ BAD_REQUESTS = [
         "stop_token_ids",
     ),  # fmt: skip
     ("logprobs-21", COMP, {"prompt": "x", "logprobs": 21}, {}, 400, "logprobs"),
-    ("prompt-logprobs-streamed", COMP, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, {}, 400, "prompt_logprobs"),  # fmt: skip
-    ("prompt-logprobs-21", CHAT, {"messages": USER, "prompt_logprobs": 21}, {}, 400, "prompt_logprobs"),  # fmt: skip
+    (
+        "prompt-logprobs-streamed",
+        COMP,
+        {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
+    (
+        "prompt-logprobs-21",
+        CHAT,
+        {"messages": USER, "prompt_logprobs": 21},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
     (
         "top-logprobs-without-logprobs",
         CHAT,
