@@ -62,10 +62,15 @@ def assert_matches(prompt_logprobs: list, ids: list[int], reference: np.ndarray,
                 assert logprob.rank == best.index(token_id) + 1
 
 
-@pytest.mark.parametrize("budget", [512, 5], ids=["one-prefill", "chunks-of-5"])
-def test_prompt_logprobs_equal_transformers_log_softmax(model_path, oracle, budget):
+@pytest.mark.parametrize(
+    ("device", "budget"),
+    [("cpu", 512), ("cpu", 5), ("cuda-emulated", 5)],
+    ids=["one-prefill", "chunks-of-5", "emulated-cuda-chunks-of-5"],
+)
+def test_prompt_logprobs_equal_transformers_log_softmax(model_path, oracle, device, budget):
     ids = prompt_ids(22)
-    llm = make_llm(model_path, max_num_batched_tokens=budget)
+    dtype = "float32" if device == "cuda-emulated" else "auto"
+    llm = make_llm(model_path, max_num_batched_tokens=budget, device=device, dtype=dtype)
     (out,) = scored(llm, [ids])
     assert_matches(out.prompt_logprobs, ids, oracle(ids))
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
