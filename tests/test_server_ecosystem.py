@@ -210,6 +210,12 @@ def access_lines(server) -> list[tuple]:
 
 
 def test_one_access_log_line_per_finished_or_refused_request(server, traffic):
+    # The traffic's stream (3 tokens; the others have 5 and 1) is logged when it ends.
+    deadline = time.monotonic() + 5
+    while not (streamed := [line for line in access_lines(server) if line[5] == "3"]):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert len(streamed) == 1 and streamed[0][2] == "200" and streamed[0][6] == ""
     before = len(access_lines(server))
     ok = server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).json()
     refused = server.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": -1})
