@@ -1,7 +1,8 @@
 """ModelRunner: all array work of a step. `execute` takes the scheduler's record of the step,
 asks the proposer for guesses, runs the model once over the mixed batch (eagerly, or as a
-captured decode graph), masks constrained rows, and samples: plain decoding is verification
-with k = 0, so every sequence goes through the sampler's one `verify`.
+captured decode graph), scores the prompt rows of prefills that asked for prompt logprobs,
+masks constrained rows, and samples: plain decoding is verification with k = 0, so every
+sequence goes through the sampler's one `verify`.
 """
 
 from __future__ import annotations
