@@ -381,14 +381,19 @@ CANNED_STATE = json.dumps({
 
 
 class FlakyServer:
-    """A fetch that is down (connection refused) or answers with canned bodies."""
+    """A fetch that is down (connection refused) or answers with canned bodies. A change of
+    `down` takes effect at the next poll (its /metrics fetch), never between the two fetches of
+    one poll, so the test never sees a poll that got /metrics but not the state."""
 
     def __init__(self, spec: SpecStats | None = None) -> None:
         self.down = True
+        self.down_this_poll = True
         self.metrics = canned_metrics(spec)
 
     def __call__(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
-        if self.down:
+        if url.endswith(METRICS_PATH):
+            self.down_this_poll = self.down
+        if self.down_this_poll:
             raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
         return 200, self.metrics if url.endswith(METRICS_PATH) else CANNED_STATE
 
