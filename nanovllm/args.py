@@ -1,10 +1,12 @@
 """The engine's and the sampler's command-line flags, shared by `nanovllm generate`, `serve` and
-`bench`. Every default comes from EngineConfig (nanovllm/config.py), the one place for them.
+`bench`, and the commands' log format. Every default comes from EngineConfig
+(nanovllm/config.py), the one place for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import fields
 
 from nanovllm.config import DEVICES, DTYPES, EngineConfig
@@ -115,6 +117,15 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def sampling_overrides(args: argparse.Namespace) -> dict:
     names = [_dest(flag) for flag, _, _ in _SAMPLING_FLAGS]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr (start-up phases, the server's logs), as `nanovllm` commands show."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
 
 
 def _dest(flag: str) -> str:

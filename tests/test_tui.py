@@ -120,11 +120,13 @@ async def wait_for(pilot, condition) -> None:
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, labels without model_name) -> value: the test's own reading of /metrics."""
+    """(sample name, labels without model_name and engine) -> value: the test's own reading."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            labels = tuple(
+                sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))
+            )
             out[(s.name, labels)] = s.value
     return out
 
@@ -379,14 +381,19 @@ CANNED_STATE = json.dumps({
 
 
 class FlakyServer:
-    """A fetch that is down (connection refused) or answers with canned bodies."""
+    """A fetch that is down (connection refused) or answers with canned bodies. A change of
+    `down` takes effect at the next poll (its /metrics fetch), never between the two fetches of
+    one poll, so the test never sees a poll that got /metrics but not the state."""
 
     def __init__(self, spec: SpecStats | None = None) -> None:
         self.down = True
+        self.down_this_poll = True
         self.metrics = canned_metrics(spec)
 
     def __call__(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
-        if self.down:
+        if url.endswith(METRICS_PATH):
+            self.down_this_poll = self.down
+        if self.down_this_poll:
             raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
         return 200, self.metrics if url.endswith(METRICS_PATH) else CANNED_STATE
 
@@ -460,6 +467,52 @@ def test_parse_metrics_reads_vllm_names_and_spec_counters():
     assert parse_metrics(canned_metrics(None).decode()).spec is None
 
 
+def vllm_exposition(kv_name: str, latency_name: str) -> str:
+    """/metrics in vLLM V1's shape (names, help, labels as vllm/v1/metrics/loggers.py writes
+    them) from a data-parallel server with two engines; `kv_name` and `latency_name` are the
+    KV-usage gauge and the per-token latency histogram of the vLLM version imitated."""
+    rows = []
+    for engine, (running, waiting, kv, prompt) in enumerate(((3, 1, 0.5, 100), (1, 0, 0.25, 40))):
+        labels = f'model_name="meta-llama/Llama-3.1-8B",engine="{engine}"'
+        rows += [
+            f"vllm:num_requests_running{{{labels}}} {running}.0",
+            f"vllm:num_requests_waiting{{{labels}}} {waiting}.0",
+            f"{kv_name}{{{labels}}} {kv}",
+            f"vllm:prompt_tokens_total{{{labels}}} {prompt}.0",
+            f'vllm:request_success_total{{{labels},finished_reason="stop"}} 2.0',
+            f'{latency_name}_bucket{{{labels},le="0.01"}} 1.0',
+            f'{latency_name}_bucket{{{labels},le="0.025"}} 3.0',
+            f'{latency_name}_bucket{{{labels},le="+Inf"}} 4.0',
+            f"{latency_name}_count{{{labels}}} 4.0",
+            f"{latency_name}_sum{{{labels}}} 0.07",
+        ]
+    types = {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+             kv_name: "gauge", "vllm:prompt_tokens": "counter", "vllm:request_success": "counter",
+             latency_name: "histogram"}  # fmt: skip
+    head = [f"# HELP {name} (vLLM's text)\n# TYPE {name} {kind}" for name, kind in types.items()]
+    by_family = {name: [r for r in rows if r.startswith(name)] for name in types}
+    return (
+        "\n".join(h + "\n" + "\n".join(by_family[n]) for h, n in zip(head, types, strict=True))
+        + "\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kv_name", "latency_name"),
+    [
+        ("vllm:kv_cache_usage_perc", "vllm:inter_token_latency_seconds"),  # vLLM 0.11 on
+        ("vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"),  # vLLM 0.8
+    ],
+)
+def test_parse_metrics_reads_a_vllm_servers_exposition(kv_name, latency_name):
+    sample = parse_metrics(vllm_exposition(kv_name, latency_name))
+    assert (sample.running, sample.waiting, sample.prompt_tokens) == (4, 1, 140)  # engines add up
+    assert sample.kv_cache_usage == pytest.approx(0.375)  # the engines' mean
+    assert sample.finished == {"stop": 4}
+    assert sample.tpot.count == 8 and sample.tpot.buckets == [(0.01, 2), (0.025, 6), (float("inf"), 8)]  # fmt: skip
+    assert sample.model_name == "meta-llama/Llama-3.1-8B"
+
+
 def test_top_command_does_not_load_textual_until_it_runs():
     code = (
         "import argparse, sys; from nanovllm.tui.cli import add_top_parser; "
@@ -473,7 +526,7 @@ def test_top_command_does_not_load_textual_until_it_runs():
 
 def test_a_non_finite_metric_is_a_parse_error_not_a_crash():
     # A NaN counter would poison the rates and crash the sparkline while drawing.
-    line = 'vllm:prompt_tokens_total{model_name="m"} '
+    line = 'vllm:prompt_tokens_total{engine="0",model_name="m"} '
     text = canned_metrics(None).decode().replace(line + "100.0", line + "NaN")
     assert line + "NaN" in text
     with pytest.raises(ValueError, match="vllm:prompt_tokens_total is nan"):

@@ -69,33 +69,42 @@ class MetricsSample:
 _SCALARS = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage",
     "vllm:prompt_tokens_total": "prompt_tokens",
     "vllm:generation_tokens_total": "generation_tokens",
     "vllm:num_preemptions_total": "preemptions",
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
 }
+# Per figure, the names vLLM versions used for it, preferred first: vLLM 0.9 renamed
+# gpu_cache_usage_perc (kept as a deprecated alias until 0.11), and per-token latency moved
+# from time_per_output_token_seconds to inter_token_latency_seconds.
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _HISTOGRAMS = {
-    "vllm:time_to_first_token_seconds": "ttft",
-    "vllm:time_per_output_token_seconds": "tpot",
+    "ttft": ("vllm:time_to_first_token_seconds",),
+    "tpot": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
 }
 _SPEC = "vllm:spec_decode_num_"
 
 
 def parse_metrics(text: str) -> MetricsSample:
-    """Read the vLLM metrics out of Prometheus text; metrics that are absent stay 0 / None."""
+    """Read the vLLM metrics out of Prometheus text; metrics that are absent stay 0 / None.
+    Series of several engines (vLLM's `engine` label, data parallelism) add up; the KV cache's
+    usage is their mean."""
     sample, spec = MetricsSample(), {}
     per_pos: dict[int, float] = {}
+    histograms: dict[str, Histogram] = {}
+    usage: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name in _HISTOGRAMS:
-            setattr(sample, _HISTOGRAMS[family.name], _histogram(family.samples))
+        if any(family.name in names for names in _HISTOGRAMS.values()):
+            histograms[family.name] = _histogram(family.samples)
             continue
         for s in family.samples:
             sample.model_name = sample.model_name or s.labels.get("model_name")
             if s.name.startswith("vllm:") and not math.isfinite(s.value):
                 raise ValueError(f"{s.name} is {s.value}")
-            if s.name in _SCALARS:
+            if s.name in _KV_USAGE:
+                usage.setdefault(s.name, []).append(s.value)
+            elif s.name in _SCALARS:
                 attr = _SCALARS[s.name]
                 setattr(sample, attr, getattr(sample, attr) + s.value)
             elif s.name == "vllm:request_success_total":
@@ -107,6 +116,10 @@ def parse_metrics(text: str) -> MetricsSample:
             elif s.name.startswith(_SPEC) and s.name.endswith("_total"):
                 key = s.name[len(_SPEC) : -len("_total")]
                 spec[key] = spec.get(key, 0.0) + s.value
+    for attr, names in _HISTOGRAMS.items():
+        setattr(sample, attr, next((histograms[n] for n in names if n in histograms), None))
+    values = next((usage[name] for name in _KV_USAGE if name in usage), [])
+    sample.kv_cache_usage = sum(values) / len(values) if values else 0.0
     if spec:
         positions = range(max(per_pos) + 1) if per_pos else range(0)
         sample.spec = SpecSample(

@@ -12,6 +12,11 @@ the KV cache is sized for the target and the draft together; the parts are built
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from nanovllm.backends import get_backend
@@ -25,10 +30,11 @@ from nanovllm.engine.sampler import Sampler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.spec_decode import DraftProposer, NgramProposer
 from nanovllm.errors import NanovllmError
-from nanovllm.models.loader import Checkpoint, build_model, load_checkpoint
+from nanovllm.models.loader import Checkpoint, build_model, check_model_exists, load_checkpoint
 from nanovllm.models.model_config import ModelConfig
 
 DEFAULT_NUM_BLOCKS = 512  # `--num-blocks auto` without device memory to size from
+logger = logging.getLogger("nanovllm.engine")
 
 
 @dataclass(slots=True)
@@ -38,24 +44,62 @@ class Models:
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
-    checkpoint = load_checkpoint(config.model, config.tokenizer)
-    draft = load_checkpoint(config.draft_model) if config.speculative_method == "draft" else None
+    """Each phase logs its duration at INFO (`nanovllm serve` and `generate` show them)."""
+    start = time.perf_counter()
+    # First what fails without reading anything: a missing path, a device or dtype the
+    # backend cannot serve.
+    for model in (config.model, config.draft_model):
+        if model is not None:
+            check_model_exists(model)
+    backend = get_backend(config.device, config.dtype)
+    logger.info("set up the %s backend in %.1f s", backend.name, time.perf_counter() - start)
+    with phase(f"reading {config.model} (config, tokenizer)", f"read {config.model}"):
+        checkpoint = load_checkpoint(config.model, config.tokenizer)
+        wants_draft = config.speculative_method == "draft"
+        draft = load_checkpoint(config.draft_model) if wants_draft else None
     if draft is not None:
         _check_draft_vocabulary(config, checkpoint.config, draft.config)
-    backend = get_backend(config.device, config.dtype)
     configs = [checkpoint.config] + ([draft.config] if draft is not None else [])
     for model_config in configs:
         backend.check_model(model_config)  # before loading: refuse what it has no kernel for
     limit = length_limit(config, checkpoint.config)
-    models = Models(
-        build_model(checkpoint, backend, limit),
-        build_model(draft, backend, limit) if draft is not None else None,
-    )
+    with phase("loading the weights", "loaded the weights"):
+        models = Models(
+            build_model(checkpoint, backend, limit, weight_progress),
+            build_model(draft, backend, limit, weight_progress) if draft is not None else None,
+        )
     if backend.needs_startup_check:
         from nanovllm.backends.self_check import startup_self_check
 
-        startup_self_check(backend, sorted({c.head_dim for c in configs}))
-    return assemble(config, model_info(checkpoint, limit), backend, models)
+        with phase("checking the kernels on the device", "start-up self-check"):
+            startup_self_check(backend, sorted({c.head_dim for c in configs}))
+    engine = assemble(config, model_info(checkpoint, limit), backend, models)
+    logger.info(
+        "engine ready in %.1f s: %s on %s, KV cache of %d blocks x %d tokens, max_model_len %d",
+        time.perf_counter() - start, checkpoint.config.architecture, backend.name,
+        engine.block_manager.num_blocks, config.block_size, engine.max_model_len,
+    )  # fmt: skip
+    return engine
+
+
+@contextmanager
+def phase(doing: str, done: str) -> Iterator[None]:
+    """Log what starts, then what was done with its duration (a phase may take seconds)."""
+    start = time.perf_counter()
+    logger.info("%s ...", doing)
+    yield
+    logger.info("%s in %.1f s", done, time.perf_counter() - start)
+
+
+def weight_progress(weights: Iterator, total: int | None) -> Iterator:
+    """A progress bar over the checkpoint's tensors, on a terminal that shows INFO logs."""
+    if not (logger.isEnabledFor(logging.INFO) and sys.stderr.isatty()):
+        return weights
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return weights
+    return tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False)
 
 
 def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Models) -> LLMEngine:

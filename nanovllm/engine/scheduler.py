@@ -108,12 +108,16 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = manager.match_prefix(seq)
+            # A prompt that must be scored skips the prefix cache, as in vLLM V1: a cached
+            # block's positions would be computed by nobody, so they would have no logprobs.
+            scored = seq.wants_prompt_logprobs
+            hits = [] if scored else manager.match_prefix(seq)
             num_cached = len(hits) * manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
             if not manager.can_allocate(seq, num_cached + num_tokens, hits):
                 break
-            manager.record_query(seq.num_tokens, num_cached)
+            if not scored:
+                manager.record_query(seq.num_tokens, num_cached)
             manager.allocate(seq, num_cached + num_tokens, hits)
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING

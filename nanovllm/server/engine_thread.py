@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.stats import EngineSnapshot, EngineStats
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -70,9 +70,10 @@ class EngineThread:
     def __init__(
         self,
         engine: LLMEngine,
-        on_finished: Callable[[RequestOutput], None] | None = None,
+        on_finished: Callable[[RequestOutput, SamplingParams], None] | None = None,
         on_aborted: Callable[[int], None] | None = None,
         log_interval: float = 5.0,
+        on_step: Callable[[IterationStats], None] | None = None,
     ) -> None:
         self.engine = engine
         self.stats: EngineStats = engine.stats()  # the latest snapshot, for /metrics and logs
@@ -80,8 +81,9 @@ class EngineThread:
         # ~35 us for 512 blocks and 8 sequences (a tiny model's CPU step takes ~2 ms).
         self.snapshot: EngineSnapshot = engine.snapshot()
         self._snapshot_time = time.monotonic()
-        self._on_finished = on_finished or (lambda output: None)
+        self._on_finished = on_finished or (lambda output, params: None)
         self._on_aborted = on_aborted or (lambda count: None)
+        self._on_step = on_step or (lambda iteration: None)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._routes: dict[str, tuple[Submission, int]] = {}
         self._ids = itertools.count()
@@ -215,6 +217,7 @@ class EngineThread:
             logger.exception("engine step failed; ending every request in flight")
             self._fail_all("internal error in the engine (see the server log)")
             return
+        self._on_step(self.engine.iteration_stats)
         for output in outputs:
             route = self._routes.get(output.request_id)
             if route is None:
@@ -223,7 +226,7 @@ class EngineThread:
             sub.outputs.put((index, output))
             if output.finished:
                 del self._routes[output.request_id]
-                self._on_finished(output)
+                self._on_finished(output, sub.params)
 
     def _fail_all(self, message: str, code: str = "engine_failure") -> None:
         failed = 0

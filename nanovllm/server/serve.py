@@ -23,6 +23,7 @@ from waitress.wasyncore import dispatcher
 from nanovllm.config import EngineConfig
 from nanovllm.engine.assembly import build_engine
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.errors import NanovllmError
 from nanovllm.server import process
 from nanovllm.server.admission import Admission
 from nanovllm.server.app import ServerState, build_app
@@ -51,6 +52,8 @@ class ServerConfig:
     receive_timeout: float = 10.0
     send_timeout: float = 30.0
     keep_alive_timeout: float = 30.0
+    access_log: bool = True
+    tokenizer_info: bool = False
 
     @property
     def deadlines(self) -> Deadlines:
@@ -67,8 +70,12 @@ def build_state(
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     # The metrics read the thread's stats snapshot; the thread reports finishes to the metrics.
-    metrics = ServerMetrics(model_name, lambda: thread.stats)
-    thread = EngineThread(engine, metrics.on_finished, metrics.on_aborted, config.log_interval)
+    metrics = ServerMetrics(
+        model_name, lambda: thread.stats, engine.max_model_len, cache_config_info(engine)
+    )
+    thread = EngineThread(
+        engine, metrics.on_finished, metrics.on_aborted, config.log_interval, metrics.on_step
+    )
     protocol = ProtocolContext(
         defaults=engine.default_sampling_params().clone(**sampling_overrides),
         model_name=model_name,
@@ -89,7 +96,21 @@ def build_state(
         model_root=engine.config.model,
         max_body_bytes=config.max_body_bytes,
         api_key=config.api_key,
+        access_log=config.access_log,
+        tokenizer_info=config.tokenizer_info,
     )
+
+
+def cache_config_info(engine: LLMEngine) -> dict[str, str]:
+    """The labels of vllm:cache_config_info (vLLM: CacheConfig.metrics_info(), as strings)."""
+    config = engine.config
+    return {
+        "block_size": str(config.block_size),
+        "cache_dtype": "auto",
+        "enable_prefix_caching": str(config.enable_prefix_caching),
+        "gpu_memory_utilization": str(config.gpu_memory_utilization),
+        "num_gpu_blocks": str(engine.block_manager.num_blocks),
+    }
 
 
 def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides: dict) -> int:
@@ -101,7 +122,10 @@ def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides:
     open_files = process.raise_open_files_limit()
     engine = build_engine(engine_config)
     state = build_state(engine, config, sampling_overrides, engine_config.name)
-    servers = _waitress_servers(state, config, process.connection_limit(open_files))
+    try:
+        servers = _waitress_servers(state, config, process.connection_limit(open_files))
+    except OSError as e:  # taken since the CLI's check (cli.check_port)
+        raise NanovllmError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
     state.engine.start()
     shutdown = GracefulShutdown(servers, state, config.grace_period)
     shutdown.install()
