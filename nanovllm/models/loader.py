@@ -18,6 +18,7 @@ from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.model_config import ModelConfig
 from nanovllm.models.registry import model_class
 from nanovllm.models.safetensors_loader import iter_safetensors, safetensors_files
+from nanovllm.models.sharding import ParallelRank, local_config
 from nanovllm.models.tokenizer import Tokenizer
 
 
@@ -95,8 +96,18 @@ def _ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def build_model(checkpoint: Checkpoint, backend: Backend, max_positions: int) -> LlamaForCausalLM:
-    model = model_class(checkpoint.config.architecture)(checkpoint.config, backend, max_positions)
+def build_model(
+    checkpoint: Checkpoint,
+    backend: Backend,
+    max_positions: int,
+    parallel: ParallelRank | None = None,
+) -> LlamaForCausalLM:
+    """The checkpoint's model on `backend`; with `parallel`, one tensor-parallel rank's share."""
+    config = checkpoint.config
+    if parallel is not None:
+        config = local_config(config, parallel.size)
+    model = model_class(config.architecture)(config, backend, max_positions)
+    model.parallel = parallel
     model.load_weights(checkpoint.weights())
     return model
 
