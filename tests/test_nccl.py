@@ -23,7 +23,7 @@ from test_tensor_parallel import BLOCK, MAX_POSITIONS, PROMPT, one_sequence, sha
 from nanovllm.backends import get_backend
 from nanovllm.distributed.communicator import CollectiveMismatch, LockStep
 from nanovllm.distributed.nccl import NcclCommunicator
-from nanovllm.distributed.tensor_parallel import LocalRanks
+from nanovllm.distributed.ranks import LocalRanks
 from nanovllm.models.loader import load_checkpoint
 
 STREAM = 0x7F00_5EED  # the "current stream" of these tests: not the legacy default stream 0

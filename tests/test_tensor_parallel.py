@@ -25,7 +25,7 @@ from nanovllm.backends import get_backend
 from nanovllm.backends.base import AttentionInputs
 from nanovllm.config import EngineConfig
 from nanovllm.distributed.communicator import CollectiveMismatch, ReferenceGroup
-from nanovllm.distributed.tensor_parallel import LocalRanks
+from nanovllm.distributed.ranks import LocalRanks
 from nanovllm.engine.batch import StepInputs
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import LoadedModel, load_checkpoint

@@ -365,9 +365,9 @@ def canned_metrics(spec: SpecStats | None) -> bytes:
         num_preemptions=2, prefix_cache_queries=40, prefix_cache_hits=10, prompt_tokens=100,
         generation_tokens=50, num_finished_requests=4, num_steps=60, spec=spec,
     )  # fmt: skip
-    metrics = ServerMetrics("m", lambda: stats)
+    metrics = ServerMetrics("m", lambda: [stats])
     for ttft in (0.03, 0.03, 0.07, 0.2):
-        metrics.ttft.observe(ttft)
+        metrics.ttft.labels("m").observe(ttft)
     return metrics.render()[0]
 
 

@@ -3,7 +3,8 @@
 - `communicator.py`: the collectives a sharded model calls, and the in-process reference group
   (all ranks in one process, in lock step; a test oracle).
 - `nccl.py`: the same collectives through NCCL (`cupy.cuda.nccl`) on GPUs.
-- `tensor_parallel.py`: rank workers, the runner that drives them, building a sharded engine.
+- `ranks.py`: a rank's share of the model and KV cache; all ranks in this process.
+- `tensor_parallel.py`: the runner that drives the ranks; starting them for an engine.
 - `ray_ranks.py`: tensor-parallel ranks as Ray actors, one GPU each.
 - `replica.py`: one engine replica (an engine thread behind async methods), run as a Ray actor.
 - `router.py`: which replica takes a request: least outstanding work, with prefix affinity.

@@ -25,7 +25,7 @@ from nanovllm.backends import get_backend
 from nanovllm.config import EngineConfig
 from nanovllm.distributed import ray_runtime
 from nanovllm.distributed.nccl import NcclCommunicator, new_unique_id
-from nanovllm.distributed.tensor_parallel import RankWorker
+from nanovllm.distributed.ranks import RankWorker
 from nanovllm.engine.batch import StepInputs
 from nanovllm.models.loader import build_model, load_checkpoint
 from nanovllm.models.sharding import ParallelRank
