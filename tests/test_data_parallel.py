@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server_load import open_raw_request, read_events
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.tui.model import parse_state
 
 START_TIMEOUT_S = 240.0  # Ray's start and two replicas loading, on a busy 2-core machine
 DEADLINE_S = 120.0
@@ -264,6 +265,9 @@ def test_metrics_carry_every_replicas_series_with_its_engine_label(server):
         assert set(by_engine(server, name)) == {"0", "1"}, name
     ttft = by_engine(server, "vllm:time_to_first_token_seconds_count")
     assert ttft["0"] > 0 and ttft["1"] > 0
+    # What `nanovllm top` reads: both replicas, side by side.
+    shown = parse_state(state(server))
+    assert [(r.engine, r.status, len(r.blocks)) for r in shown.replicas] == [("0", "up", 512), ("1", "up", 512)]  # fmt: skip
 
 
 def descendants(pid: int) -> set[int]:
