@@ -2,8 +2,8 @@
 
 `ray` is an optional dependency (`pip install 'nanovllm[distributed]'`), imported here and only
 when a front end asks for replicas or GPU ranks. Without an address a new local instance is
-started for this process alone (Ray's `address="local"`: never a cluster someone else started)
-and stopped when the process leaves; with one (`ray start --head` printed it; "auto" finds the
+started for this process alone (Ray's `address="local"`, which may also be given: never a
+cluster someone else started) and stopped when the process leaves; with one (`ray start --head` printed it; "auto" finds the
 cluster started on this machine) the process joins as a driver, and leaving only disconnects:
 its actors, owned by this driver, end with it.
 """
@@ -36,19 +36,20 @@ def connect(address: str | None) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    local = address in (None, "local")
     options = dict(namespace=NAMESPACE, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        ray.init(address=address or "local", **options)
+        ray.init(address="local" if local else address, **options)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        where = "a local Ray instance" if local else f"the Ray cluster at {address}"
         raise NanovllmError(f"could not start or join {where}: {e}") from None
     logger.info(
         "%s Ray (%s): %s",
-        "joined" if address else "started a local",
+        "started a local" if local else "joined",
         ray.get_runtime_context().gcs_address,
         _resources(ray.cluster_resources()),
     )
-    return not address
+    return local
 
 
 def disconnect(started_here: bool) -> None:
