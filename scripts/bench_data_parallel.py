@@ -26,25 +26,53 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server_load import start_server, tiny_model  # noqa: E402
+from nanovllm.bench.serve import run_serve_bench, stream_completion
 
-from nanovllm.bench.serve import run_serve_bench, stream_completion  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
     "single": [],
     "ray-1": ["--data-parallel-size", "1", "--ray-address", "local"],
     "ray-2": ["--data-parallel-size", "2"],
 }
+
+
+def tiny_model(folder: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from checkpoints import build_checkpoint
+
+    return build_checkpoint("llama3", folder)
+
+
+def start_server(model: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = 18000 + os.getpid() % 1000
+    command = [sys.executable, "-m", "nanovllm.server.cli", "--model", str(model), "--device",
+               "cpu", "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not come up")
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -56,7 +84,7 @@ def sequential(url: str, model: str, count: int, max_tokens: int) -> dict:
     latencies, tpots = [], []
     for prompt in prompts(count, 32, seed=max_tokens):
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True}  # fmt: skip
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         result = stream_completion(url, body, None, 60)
         assert result.ok, result.error
         latencies.append(result.latency)
@@ -71,7 +99,8 @@ def sequential(url: str, model: str, count: int, max_tokens: int) -> dict:
 def measure(name: str, model_path: Path, args, log_dir: Path) -> dict:
     proc, url = start_server(model_path, CONFIGS[name], log_dir / f"{name}.log")
     try:
-        model = json.load(__import__("urllib.request").request.urlopen(url + "/v1/models"))["data"][0]["id"]  # fmt: skip
+        with urllib.request.urlopen(url + "/v1/models") as response:
+            model = json.load(response)["data"][0]["id"]
         sequential(url, model, 5, 4)  # warm-up
         load = run_serve_bench(url, model, prompts(args.requests, 32, 1), [args.output_len] * args.requests, args.concurrency)  # fmt: skip
         burst = run_serve_bench(url, model, prompts(args.burst, 16, 2), [1] * args.burst, args.burst_concurrency)  # fmt: skip

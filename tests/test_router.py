@@ -53,7 +53,8 @@ def test_a_text_prompt_is_keyed_by_its_leading_tokens_only():
 
     long_text = "x" * 100_000
     keys = router.prefix_keys(long_text, encode)
-    assert calls == [(AFFINITY_BLOCKS * BLOCK + 1) * 16]  # a prefix of the text, not all of it
+    [tokenized] = calls  # a prefix of the text, long enough for the keys, not all of it
+    assert AFFINITY_BLOCKS * BLOCK < tokenized < 1000
     assert keys == router.prefix_keys([ord("x")] * 200, encode=None)
 
 
