@@ -7,6 +7,7 @@
 - `tensor_parallel.py`: the runner that drives the ranks; starting them for an engine.
 - `ray_ranks.py`: tensor-parallel ranks as Ray actors, one GPU each.
 - `replica.py`: one engine replica (an engine thread behind async methods), run as a Ray actor.
+- `replica_set.py`: the replicas as the front end holds them: start-up, health, stats.
 - `router.py`: which replica takes a request: least outstanding work, with prefix affinity.
 - `ray_client.py`: the server's engine client for N replicas: Ray start-up, streams, faults.
 

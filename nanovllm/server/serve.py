@@ -79,7 +79,8 @@ def start_engines(
         metrics = ServerMetrics(name, lambda: thread.engine_stats())
         thread = EngineThread(engine, metrics.on_finished, metrics.on_aborted, config.log_interval)
         return thread, metrics
-    from nanovllm.distributed.ray_client import DataParallelOptions, RayEngineClient
+    from nanovllm.distributed.ray_client import RayEngineClient
+    from nanovllm.distributed.replica_set import DataParallelOptions
 
     size = config.data_parallel_size
     in_flight = size * engine_config.max_num_seqs + config.max_waiting + SPARE_THREADS
