@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,7 +183,8 @@ class ReplicaSet:
 
 def replica_resources(config: EngineConfig, size: int, cluster: dict) -> dict:
     """What each replica asks Ray for: a GPU (or its ranks take T), or a share of the CPUs, whose
-    count also sets its BLAS threads. Refuses a cluster that could never place them all."""
+    count also sets its BLAS threads unless the server's environment sets them. Refuses a cluster
+    that could never place them all."""
     gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
     on_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     if on_gpu:
@@ -193,8 +195,9 @@ def replica_resources(config: EngineConfig, size: int, cluster: dict) -> dict:
         return {"num_gpus": 1 if config.tensor_parallel_size == 1 else 0, "num_cpus": 1}
     if cpus < size:
         raise NanovllmError(f"{size} CPU replicas need a CPU each; the Ray cluster has {cpus}")
+    # A thread count set for the server (OMP_NUM_THREADS=1 ...) applies to its replicas too.
     threads = str(cpus // size)
-    env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    env = {name: os.environ.get(name, threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}  # fmt: skip
     return {"num_cpus": cpus // size, "runtime_env": {"env_vars": env}}
 
 

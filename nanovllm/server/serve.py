@@ -194,7 +194,7 @@ class GracefulShutdown:
         self.grace_period = grace_period
         self.started = False
         self.hurry = threading.Event()  # a second signal: end the requests in flight now
-        self.drained = threading.Event()  # the drain is over: the next SIGINT stops the loop
+        self.drained = threading.Event()  # the drain is over: the next signal stops the loop
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
@@ -236,7 +236,7 @@ class GracefulShutdown:
         admission.wait_idle(FINAL_WRITE_S)
         _wait_flushed(self.servers[0], FINAL_WRITE_S)
         self.drained.set()
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        self.servers[0].request_stop()
 
 
 def _wait_flushed(server: Server, timeout: float) -> None:
