@@ -2,7 +2,9 @@
 a cluster's head node (README, "Scaling out"), and leaves it as it found it.
 
 One `ray start --head --block` for the module, stopped at the end through its own process (never
-`ray stop`, which would stop every Ray instance of this user on the machine).
+`ray stop`, which would stop every Ray instance of this user on the machine). Token
+authentication is off for this test cluster (RAY_AUTH_MODE=disabled for the head and the
+server: the mode must be the same on every node and driver), so no token file is needed.
 """
 
 from __future__ import annotations
@@ -24,22 +26,26 @@ from nanovllm import LLM
 START_TIMEOUT_S = 240.0
 
 
+AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(address, the `ray start` process) of a one-node cluster with 2 CPUs."""
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
-    port = free_port()
     ray = Path(sys.executable).parent / "ray"
-    command = [str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+    command = [str(ray), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
                "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **AUTH})  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT_S
     while "block forever" not in log.read_text(errors="replace"):
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
-    yield f"127.0.0.1:{port}", proc
+    # What it tells other nodes to run: ray start --address='IP:PORT'
+    address = re.search(r"ray start --address='([^']+)'", log.read_text()).group(1)
+    yield address, proc
     processes = descendants(proc.pid) | {proc.pid}
     proc.send_signal(signal.SIGINT)  # `ray start --block` stops what it started
     try:
@@ -58,7 +64,7 @@ def test_a_server_joins_the_cluster_and_leaves_it_running(cluster, checkpoint_fa
     assert len(core) == 2
     server = start_server(
         checkpoint, tmp_path, "--data-parallel-size", "2", "--ray-address", address,
-        start_timeout=START_TIMEOUT_S,
+        env=AUTH, start_timeout=START_TIMEOUT_S,
     )  # fmt: skip
     try:
         replicas = state(server)["replicas"]
