@@ -83,14 +83,17 @@ GREEDY = SamplingParams(temperature=0, ignore_eos=True, max_tokens=16)
 ENGINE = dict(block_size=4, num_blocks=24, max_num_seqs=4, max_num_batched_tokens=16)
 
 
-@pytest.mark.parametrize(
-    "kind, device", [("llama3", "cpu"), ("gemma2", "cpu"), ("qwen2_moe", "cpu"), ("qwen3_qk_norm", "cuda-emulated")]
-)  # fmt: skip
+ENGINE_CASES = [("llama3", "cpu"), ("mistral", "cpu"), ("gemma2", "cpu"), ("qwen2_moe", "cpu"),
+                ("qwen3_qk_norm", "cuda-emulated")]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, device", ENGINE_CASES)
 def test_a_sharded_engine_generates_what_the_whole_engine_generates(
     checkpoint_factory, kind, device
 ):
-    """Batched, chunked and preempted (24 blocks of 4 tokens for 6 sequences): the scheduler
-    and sampler are the engine's own, only the forward runs on the ranks."""
+    """Batched, chunked and preempted (24 blocks of 4 tokens for 6 sequences; Mistral, whose
+    window lets blocks go, is not preempted): the scheduler and sampler are the engine's own,
+    only the forward runs on the ranks, so the schedule is the same step for step."""
     path = str(checkpoint_factory(kind))
     prompts = [PROMPT[i : i + n] for i, n in enumerate((13, 19, 9, 17, 11, 15))]
     whole = LLM(path, device=device, dtype="float32", **ENGINE)
@@ -98,8 +101,10 @@ def test_a_sharded_engine_generates_what_the_whole_engine_generates(
     sharded = LLM(path, device=device, dtype="float32", tensor_parallel_size=2, **ENGINE)
     got = [out.outputs[0].token_ids for out in sharded.generate(prompts, GREEDY, use_tqdm=False)]
     assert got == expected
-    stats = sharded.engine.stats()
-    assert stats.num_preemptions > 0 and stats.num_free_blocks == 24
+    stats, whole_stats = sharded.engine.stats(), whole.engine.stats()
+    assert (stats.num_steps, stats.num_preemptions) == (whole_stats.num_steps, whole_stats.num_preemptions)  # fmt: skip
+    assert stats.num_preemptions > 0 or kind == "mistral"
+    assert stats.num_free_blocks == 24
 
 
 def test_sizes_the_heads_cannot_be_split_into_are_refused_before_loading(checkpoint_factory):

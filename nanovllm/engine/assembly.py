@@ -65,7 +65,8 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     cache's capacity caps it."""
     configs = [models.target.config] + ([models.draft.config] if models.draft else [])
     num_blocks = num_kv_blocks(config, backend, configs)
-    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks)
+    window = attention_window(configs)
+    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, window)
     eos = info.eos_token_ids
     k = num_speculative_slots(config)
     runner = ModelRunner(
@@ -80,7 +81,7 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     )
     if backend.supports_decode_graphs and not config.enforce_eager:
         runner.enable_decode_graphs(config.max_num_seqs, info.max_model_len)
-    return _engine_around(config, info, runner, num_blocks)
+    return _engine_around(config, info, runner, num_blocks, window)
 
 
 def _sharded_engine(
@@ -95,20 +96,22 @@ def _sharded_engine(
     if num_blocks == "auto":
         num_blocks = ranks.num_kv_blocks(config) or DEFAULT_NUM_BLOCKS
     ranks.allocate_kv_cache(num_blocks, config.block_size)
-    info = model_info(checkpoint, _fit_length(config, limit, num_blocks))
+    window = attention_window([checkpoint.config])
+    info = model_info(checkpoint, _fit_length(config, limit, num_blocks, window))
     runner = TensorParallelRunner(
         ranks, checkpoint.config, backend, config.block_size, Sampler(config.seed, backend),
         info.eos_token_ids, ngram_proposer(config), num_speculative_slots(config),
     )  # fmt: skip
-    return _engine_around(config, info, runner, num_blocks)
+    return _engine_around(config, info, runner, num_blocks, window)
 
 
 def _engine_around(
-    config: EngineConfig, info: ModelInfo, runner: ModelRunner, num_blocks: int
+    config: EngineConfig, info: ModelInfo, runner: ModelRunner, num_blocks: int, window: int
 ) -> LLMEngine:
     """The engine's policy and bookkeeping parts around a ready runner and its KV cache."""
     manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(config, manager, num_speculative_slots(config), info.max_model_len)
+    k = num_speculative_slots(config)
+    scheduler = Scheduler(config, manager, k, info.max_model_len, window)
     processor = OutputProcessor(info.tokenizer, info.eos_token_ids, info.max_model_len)
     return LLMEngine(config, info, scheduler, runner, processor)
 
@@ -147,8 +150,19 @@ def length_limit(config: EngineConfig, model_config: ModelConfig) -> int:
     return config.max_model_len or limit
 
 
-def _fit_length(config: EngineConfig, limit: int, num_blocks: int) -> int:
+def attention_window(configs: list[ModelConfig]) -> int:
+    """The widest window when every layer of every model (target and draft share block tables)
+    attends through one; 0 when any layer attends to everything."""
+    windows = [c.window(layer) for c in configs for layer in range(c.num_layers)]
+    return max(windows) if windows and min(windows) > 0 else 0
+
+
+def _fit_length(config: EngineConfig, limit: int, num_blocks: int, window: int = 0) -> int:
     capacity = num_blocks * config.block_size
+    # A windowed sequence holds its window, one step's tokens and a block kept for the prefix
+    # cache, however long it grows: with that much room, the model's own limit stands.
+    if window and capacity >= window + config.max_num_batched_tokens + 2 * config.block_size:
+        return limit
     if config.max_model_len is not None and config.max_model_len > capacity:
         raise NanovllmError(
             f"max_model_len {config.max_model_len} exceeds the KV cache capacity of {capacity} "

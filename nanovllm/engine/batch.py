@@ -38,11 +38,12 @@ def forward_item(item: ScheduledSeq, proposal: Proposal | None) -> ForwardItem:
     """What to run for a scheduled sequence: its next known tokens, or with a proposal its last
     token followed by the guesses (each of the k + 1 positions needs logits)."""
     seq, start = item.seq, item.seq.num_computed_tokens
+    token_ids = seq.token_ids
     if proposal is not None:
-        tokens = [seq.token_ids[-1], *proposal.token_ids]
+        tokens = [token_ids[-1], *proposal.token_ids]
         return ForwardItem(seq, start, tokens, len(tokens), proposal)
-    tokens = seq.token_ids[start : start + min(item.num_tokens, seq.num_tokens - start)]
-    return ForwardItem(seq, start, tokens, 1 if start + len(tokens) == seq.num_tokens else 0)
+    end = min(start + item.num_tokens, len(token_ids))
+    return ForwardItem(seq, start, token_ids[start:end], 1 if end == len(token_ids) else 0)
 
 
 @dataclass(slots=True)

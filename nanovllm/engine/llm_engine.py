@@ -202,7 +202,7 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 output_tokens=seq.num_output_tokens,
                 computed_tokens=seq.num_computed_tokens,
-                num_blocks=len(seq.block_table),
+                num_blocks=self.block_manager.held_blocks(seq),
                 age_s=now - seq.request.arrival_time,
             )
             for state, seqs in (

@@ -70,7 +70,8 @@ class OutputProcessor:
             self._append(seq, token, logprobs)
             if seq.finish_reason is not None:
                 break
-        seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
+        if seq.params.output_kind is not RequestOutputKind.FINAL_ONLY:  # else nobody reads it
+            seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
         request = seq.request
         if seq.finish_reason is not None and request.is_finished:
             request.finish_time = now
@@ -142,10 +143,13 @@ class OutputProcessor:
         )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
-        current = seq.delta_step == self.step_index  # else the latest step added nothing to it
-        start = seq.delta_start if current else seq.num_output_tokens
+        if seq.params.output_kind is RequestOutputKind.FINAL_ONLY:  # its one output: everything
+            start, delta_text = 0, seq.detokenizer.text
+        elif seq.delta_step == self.step_index:
+            start, delta_text = seq.delta_start, seq.delta_text
+        else:  # the latest step added nothing to this sample
+            start, delta_text = seq.num_output_tokens, ""
         delta_ids = seq.token_ids[seq.num_prompt_tokens + start :]
-        delta_text = seq.delta_text if current else ""
         want_logprobs = seq.params.logprobs is not None
         delta_logprobs = seq.logprobs[start:] if want_logprobs else None
         if seq.params.output_kind is RequestOutputKind.DELTA:
