@@ -69,8 +69,11 @@ class Router:
         self.epochs = [0] * self.num_replicas
 
     # ---- keys --------------------------------------------------------------------------------
-    def prefix_keys(self, prompt: str | list[int], encode: Callable[[str], list[int]]) -> list[int]:
-        """Chained hashes of the prompt's first full blocks (at most AFFINITY_BLOCKS)."""
+    def prefix_keys(
+        self, prompt: str | list[int], encode: Callable[[str], list[int]] | None
+    ) -> list[int]:
+        """Chained hashes of the prompt's first full blocks (at most AFFINITY_BLOCKS); `encode`
+        tokenizes a text prompt (a list of ids needs none)."""
         ids = prompt if isinstance(prompt, list) else self._leading_ids(prompt, encode)
         size, keys, parent = self.block_size, [], None
         usable = min(len(ids) - 1, AFFINITY_BLOCKS * size)  # never the last token
