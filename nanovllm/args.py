@@ -26,6 +26,9 @@ _ENGINE_FLAGS = (
     ("--max-model-len", "max_model_len", int,
      "longest sequence, prompt and output (default: the model's, capped by the KV cache)"),
     ("--seed", "seed", int, "seed of the shared generator of unseeded requests"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int,
+     "split the model across this many ranks (cuda: one GPU each, as Ray actors with NCCL; "
+     "cpu and cuda-emulated: in-process ranks, a test path)"),
 )  # fmt: skip
 _SPEC_FLAGS = (
     ("--num-speculative-tokens", "num_speculative_tokens", int, "guesses verified per step (k)"),

@@ -367,9 +367,9 @@ def canned_metrics(spec: SpecStats | None) -> bytes:
         num_preemptions=2, prefix_cache_queries=40, prefix_cache_hits=10, prompt_tokens=100,
         generation_tokens=50, num_finished_requests=4, num_steps=60, spec=spec,
     )  # fmt: skip
-    metrics = ServerMetrics("m", lambda: stats)
+    metrics = ServerMetrics("m", lambda: [stats])
     for ttft in (0.03, 0.03, 0.07, 0.2):
-        metrics.ttft.observe(ttft)
+        metrics.ttft.labels("m").observe(ttft)
     return metrics.render()[0]
 
 
@@ -531,3 +531,57 @@ def test_a_non_finite_metric_is_a_parse_error_not_a_crash():
     assert line + "NaN" in text
     with pytest.raises(ValueError, match="vllm:prompt_tokens_total is nan"):
         parse_metrics(text)
+
+
+# ---- data-parallel replicas ------------------------------------------------------------------
+def _seq(request_id: str, state: str) -> dict:
+    return {"request_id": request_id, "index": 0, "state": state, "prompt_tokens": 9,
+            "output_tokens": 3, "computed_tokens": 11, "num_blocks": 1, "age_s": 0.5}  # fmt: skip
+
+
+def _replica(engine: str, status: str, blocks: str, sequences: list[dict]) -> dict:
+    return {"engine": engine, "status": status, "restarts": int(engine), "outstanding": len(sequences),
+            "num_blocks": len(blocks), "blocks": blocks, "sequences": sequences, "pid": 100 + int(engine),
+            "node": "n", "error": None, "polled": 0.0}  # fmt: skip
+
+
+# The shape RayEngineClient.state() answers with (nanovllm/distributed/ray_client.py).
+DP_REPLICAS = [
+    _replica("0", "up", "uu.c....", [_seq("req-1-0", "running"), _seq("req-2-0", "waiting")]),
+    _replica("1", "restarting", "s.......", [_seq("req-3-0", "running")]),
+]
+CANNED_DP_STATE = json.dumps({
+    "object": "engine.state", "data_parallel_size": 2, "num_blocks": 16, "block_size": 16,
+    "max_num_seqs": 4, "blocks": "uu.c....s.......",
+    "sequences": [s for r in DP_REPLICAS for s in r["sequences"]], "replicas": DP_REPLICAS,
+    "router": {"outstanding": [2, 1], "recent_decisions": []},
+}).encode()  # fmt: skip
+
+
+def canned_dp_metrics() -> bytes:
+    used = [0.25, 0.75]
+    stats = [EngineStats(1, 0, 8, 8 - int(8 * u), 0, 0, 0, 0, 10, 5, 1, 3) for u in used]
+    return ServerMetrics("m", lambda: stats, ["0", "1"]).render()[0]
+
+
+@pytest.mark.asyncio
+async def test_replicas_are_shown_side_by_side_with_their_status_and_requests():
+    def fetch(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        return 200, canned_dp_metrics() if url.endswith(METRICS_PATH) else CANNED_DP_STATE
+
+    app = TopApp(Client("http://127.0.0.1:9", fetch=fetch), interval=3600)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.poll_count == 1)
+        assert app.figures.metrics.kv_cache_usage == 0.5  # the replicas' mean, not their sum
+        assert app.query_one("#kv").border_title == "KV cache · 2 replicas × 8 blocks × 16 tokens"
+        lines = app.query_one("#kv-map", BlockMap).render().plain.splitlines()
+        title, load, cells = lines[2:5]  # after the usage bar and the legend
+        right = title.index("engine 1 restarting")
+        assert title.startswith("engine 0 up") and right > len("engine 0 up")
+        assert load.startswith("1 run · 1 wait") and load[right:] == "1 run · 0 wait · 1 restarts"
+        assert cells.startswith("".join(BLOCK_GLYPHS[ch][0] for ch in "uu.c...."))
+        assert cells[right:] == "".join(BLOCK_GLYPHS[ch][0] for ch in "s.......")
+        table = app.query_one("#requests")
+        assert [table.get_row_at(i)[0] for i in range(table.row_count)] == [
+            "req-1-0 @0", "req-3-0 @1", "req-2-0 @0",
+        ]  # fmt: skip

@@ -1,7 +1,7 @@
 """What the dashboard shows, computed from polls: parsing, rates, percentiles. No Textual here.
 
 One poll brings the server's Prometheus text (`/metrics`) and its engine state JSON
-(`/v1/engine/state`). `parse_metrics` and `parse_state` turn them into records; a `Tracker`
+(`/v1/engine/state`; with data-parallel replicas, one block map and request list per replica). `parse_metrics` and `parse_state` turn them into records; a `Tracker`
 keeps the recent polls and derives `Figures`, the one object every widget renders:
 throughput from counter deltas between consecutive polls, TTFT/TPOT percentiles estimated
 from histogram buckets (Prometheus' `histogram_quantile`), cache and speculation ratios.
@@ -49,7 +49,8 @@ class SpecSample:
 
 @dataclass(slots=True)
 class MetricsSample:
-    """The vLLM metrics of one scrape, summed over model names (a server serves one)."""
+    """The vLLM metrics of one scrape, summed over model names (a server serves one) and
+    engines (data-parallel replicas), except the KV-cache usage, which is their mean."""
 
     running: float = 0.0
     waiting: float = 0.0
@@ -167,6 +168,20 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
 
 # ---- /v1/engine/state ----------------------------------------------------------------------
 @dataclass(slots=True)
+class ReplicaView:
+    """One data-parallel replica as the router sees it."""
+
+    engine: str  # the `engine` label of its metrics
+    status: str  # "up", "restarting" or "failed"
+    restarts: int
+    outstanding: int  # sequences the router has in flight on it
+    blocks: str
+    sequences: list[SequenceView]
+    pid: int | None = None
+    node: str | None = None
+
+
+@dataclass(slots=True)
 class EngineState:
     """The server's live sequences and the state of each KV block, one character per block."""
 
@@ -174,6 +189,8 @@ class EngineState:
     block_size: int
     max_num_seqs: int
     sequences: list[SequenceView]
+    replicas: list[ReplicaView] = field(default_factory=list)  # data parallel: side by side
+    engine_of: dict[str, str] = field(default_factory=dict)  # request id -> replica's label
 
     @property
     def num_blocks(self) -> int:
@@ -207,26 +224,38 @@ class EngineState:
 def parse_state(obj: object) -> EngineState:
     """The JSON of /v1/engine/state; ValueError if it does not have that shape."""
     try:
+        replicas = [_replica(r) for r in obj.get("replicas", [])]
         return EngineState(
             blocks=str(obj["blocks"]),
             block_size=int(obj["block_size"]),
             max_num_seqs=int(obj["max_num_seqs"]),
-            sequences=[
-                SequenceView(
-                    str(s["request_id"]),
-                    int(s["index"]),
-                    str(s["state"]),
-                    int(s["prompt_tokens"]),
-                    int(s["output_tokens"]),
-                    int(s["computed_tokens"]),
-                    int(s["num_blocks"]),
-                    float(s["age_s"]),
-                )  # fmt: skip
-                for s in obj["sequences"]
-            ],
+            sequences=[_sequence(s) for s in obj["sequences"]],
+            replicas=replicas,
+            engine_of={s.request_id: r.engine for r in replicas for s in r.sequences},
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"unexpected engine state JSON: {e!r}") from e
+
+
+def _sequence(s: dict) -> SequenceView:
+    return SequenceView(
+        str(s["request_id"]), int(s["index"]), str(s["state"]), int(s["prompt_tokens"]),
+        int(s["output_tokens"]), int(s["computed_tokens"]), int(s["num_blocks"]),
+        float(s["age_s"]),
+    )  # fmt: skip
+
+
+def _replica(r: dict) -> ReplicaView:
+    return ReplicaView(
+        engine=str(r["engine"]),
+        status=str(r["status"]),
+        restarts=int(r["restarts"]),
+        outstanding=int(r["outstanding"]),
+        blocks=str(r.get("blocks", "")),
+        sequences=[_sequence(s) for s in r["sequences"]],
+        pid=r.get("pid"),
+        node=r.get("node"),
+    )
 
 
 # ---- derived figures -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from nanovllm.backends.base import Backend
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.llm_engine import LLMEngine, ModelInfo
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.model_runner import ModelRunner, allocate_kv_cache
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.sampler import Sampler
 from nanovllm.engine.scheduler import Scheduler
@@ -63,6 +63,8 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     for model_config in configs:
         backend.check_model(model_config)  # before loading: refuse what it has no kernel for
     limit = length_limit(config, checkpoint.config)
+    if config.tensor_parallel_size > 1:
+        return _sharded_engine(config, checkpoint, backend, limit)
     with phase("loading the weights", "loaded the weights"):
         models = Models(
             build_model(checkpoint, backend, limit, weight_progress),
@@ -110,7 +112,7 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     window = attention_window(configs)
     info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, window)
     eos = info.eos_token_ids
-    k = config.num_speculative_tokens if config.speculative_method else 0
+    k = num_speculative_slots(config)
     runner = ModelRunner(
         models.target,
         backend,
@@ -123,10 +125,43 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     )
     if backend.supports_decode_graphs and not config.enforce_eager:
         runner.enable_decode_graphs(config.max_num_seqs, info.max_model_len)
+    return _engine_around(config, info, runner, num_blocks, window)
+
+
+def _sharded_engine(
+    config: EngineConfig, checkpoint: Checkpoint, backend: Backend, limit: int
+) -> LLMEngine:
+    """The engine with its model split over tensor-parallel ranks: the ranks hold the weights
+    and the KV cache (nanovllm/distributed/tensor_parallel.py); the rest is the usual engine."""
+    from nanovllm.distributed.tensor_parallel import TensorParallelRunner, start_ranks
+
+    ranks, backend = start_ranks(config, checkpoint, backend, limit)
+    num_blocks = config.num_blocks
+    if num_blocks == "auto":
+        num_blocks = ranks.num_kv_blocks(config) or DEFAULT_NUM_BLOCKS
+    ranks.allocate_kv_cache(num_blocks, config.block_size)
+    window = attention_window([checkpoint.config])
+    info = model_info(checkpoint, _fit_length(config, limit, num_blocks, window))
+    runner = TensorParallelRunner(
+        ranks, checkpoint.config, backend, config.block_size, Sampler(config.seed, backend),
+        info.eos_token_ids, ngram_proposer(config), num_speculative_slots(config),
+    )  # fmt: skip
+    return _engine_around(config, info, runner, num_blocks, window)
+
+
+def _engine_around(
+    config: EngineConfig, info: ModelInfo, runner: ModelRunner, num_blocks: int, window: int
+) -> LLMEngine:
+    """The engine's policy and bookkeeping parts around a ready runner and its KV cache."""
     manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    k = num_speculative_slots(config)
     scheduler = Scheduler(config, manager, k, info.max_model_len, window)
-    processor = OutputProcessor(info.tokenizer, eos, info.max_model_len)
+    processor = OutputProcessor(info.tokenizer, info.eos_token_ids, info.max_model_len)
     return LLMEngine(config, info, scheduler, runner, processor)
+
+
+def num_speculative_slots(config: EngineConfig) -> int:
+    return config.num_speculative_tokens if config.speculative_method else 0
 
 
 def model_info(checkpoint: Checkpoint, max_model_len: int) -> ModelInfo:
@@ -196,21 +231,18 @@ def num_kv_blocks(config: EngineConfig, backend: Backend, configs: list[ModelCon
     return kv_blocks_for_memory(config, configs, backend.dtype, *memory)
 
 
-def allocate_kv_cache(
-    backend: Backend, model_config: ModelConfig, num_blocks: int, block_size: int
-):
-    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
-
-
 def _proposer(config: EngineConfig, backend: Backend, draft, num_blocks: int, eos: list[int]):
-    if config.speculative_method == "ngram":
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.speculative_method != "draft":
-        return None
+        return ngram_proposer(config)
     kv = allocate_kv_cache(backend, draft.config, num_blocks, config.block_size)
     runner = ModelRunner(draft, backend, kv, config.block_size, Sampler(config.seed + 1, backend), eos)  # fmt: skip
     return DraftProposer(runner, eos)
+
+
+def ngram_proposer(config: EngineConfig) -> NgramProposer | None:
+    if config.speculative_method != "ngram":
+        return None
+    return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
 
 
 def _check_draft_vocabulary(config: EngineConfig, target: ModelConfig, draft: ModelConfig) -> None:

@@ -22,6 +22,14 @@ from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
 KVCache = tuple[object, object]
 
 
+def allocate_kv_cache(
+    backend: Backend, model_config, num_blocks: int, block_size: int
+) -> list[KVCache]:
+    """A model's KV cache: one (K, V) pair per layer, [num_blocks, block_size, Hkv, D] each."""
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
+
+
 class ModelRunner:
     def __init__(
         self,

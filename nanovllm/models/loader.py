@@ -22,6 +22,7 @@ from nanovllm.models.safetensors_loader import (
     iter_safetensors,
     safetensors_files,
 )
+from nanovllm.models.sharding import ParallelRank, local_config
 from nanovllm.models.tokenizer import Tokenizer
 
 
@@ -126,10 +127,19 @@ def _ids(value) -> list[int]:
 
 
 def build_model(
-    checkpoint: Checkpoint, backend: Backend, max_positions: int, progress=None
+    checkpoint: Checkpoint,
+    backend: Backend,
+    max_positions: int,
+    progress=None,
+    parallel: ParallelRank | None = None,
 ) -> LlamaForCausalLM:
-    """The model with its weights; `progress(weights, total)` may wrap the tensors' iterator."""
-    model = model_class(checkpoint.config.architecture)(checkpoint.config, backend, max_positions)
+    """The checkpoint's model on `backend` (with `parallel`, one tensor-parallel rank's share);
+    `progress(weights, total)` may wrap the tensors' iterator."""
+    config = checkpoint.config
+    if parallel is not None:
+        config = local_config(config, parallel.size)
+    model = model_class(config.architecture)(config, backend, max_positions)
+    model.parallel = parallel
     weights = checkpoint.weights()
     if progress is not None:
         weights = progress(weights, checkpoint.num_weights)

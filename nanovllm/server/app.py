@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import falcon
@@ -24,7 +24,7 @@ from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.server.access_log import AccessLog
 from nanovllm.server.admission import Admission
-from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
+from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
 from nanovllm.server.limits import PromptLimit
 from nanovllm.server.metrics import ServerMetrics
@@ -59,7 +59,7 @@ ROUTES = (
 class ServerState:
     """Everything the routes share; built once by serve.py (or a test)."""
 
-    engine: EngineThread
+    engine: EngineClient  # one engine thread, or the router of data-parallel replicas
     tokenizer: Tokenizer
     protocol: ProtocolContext
     metrics: ServerMetrics
@@ -224,15 +224,7 @@ class Routes:
 
     def on_get_engine_state(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Under /v1 on purpose: it lists requests, so --api-key guards it (unlike /metrics).
-        snapshot, config = self.state.engine.snapshot, self.state.engine.engine.config
-        resp.media = {
-            "object": "engine.state",
-            "num_blocks": len(snapshot.blocks),
-            "block_size": config.block_size,
-            "max_num_seqs": config.max_num_seqs,
-            "blocks": snapshot.blocks,
-            "sequences": [asdict(seq) for seq in snapshot.sequences],
-        }
+        resp.media = self.state.engine.state()
 
     def on_post_tokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
         state = self.state

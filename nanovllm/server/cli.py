@@ -95,6 +95,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="serve GET /tokenizer_info (the tokenizer's configuration and chat template, as "
         "vLLM does; lm-eval's tokenizer_backend=remote needs it)",
     )
+    dp = parser.add_argument_group("data parallel (Ray; pip install 'nanovllm[distributed]')")
+    dp.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas behind this one front end, as Ray actors (one GPU each on a GPU "
+        "node, a share of the CPUs otherwise), routed by load with prefix affinity",
+    )
+    dp.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (what `ray start --head` printed, or 'auto'); by default a "
+        "private local Ray instance is started and stopped with the server",
+    )
+    dp.add_argument(
+        "--max-replica-restarts",
+        type=int,
+        default=3,
+        help="times Ray restarts a replica that died (its requests in flight end with an error)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -144,6 +164,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag)
         _require(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     _require(args.api_key != "", "--api-key must not be empty")
+    _require(args.data_parallel_size >= 1, f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")  # fmt: skip
+    _require(args.max_replica_restarts >= 0, f"--max-replica-restarts must be >= 0, got {args.max_replica_restarts}")  # fmt: skip
+    _require(args.ray_address != "", "--ray-address must not be empty")
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -157,6 +180,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         keep_alive_timeout=args.keep_alive_timeout,
         access_log=not args.disable_access_log,
         tokenizer_info=args.enable_tokenizer_info_endpoint,
+        data_parallel_size=args.data_parallel_size,
+        ray_address=args.ray_address,
+        max_replica_restarts=args.max_replica_restarts,
     )
 
 

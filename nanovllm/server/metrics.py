@@ -60,25 +60,31 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 
 
 class ServerMetrics:
+    """The server's metrics. With data-parallel replicas, `num_engines` > 1 and every series of
+    replica i carries engine="i", as vLLM's own data-parallel deployment exports them; the
+    callbacks take the replica's label."""
+
     def __init__(
         self,
         model_name: str,
-        stats: Callable[[], EngineStats],
+        stats: Callable[[], list[EngineStats]],
         max_model_len: int = 8192,
         cache_info: dict[str, str] | None = None,
-        engine_index: int = 0,
+        num_engines: int = 1,
     ) -> None:
         self.model_name = model_name
-        self.labels = [model_name, str(engine_index)]
+        self.engines = [str(i) for i in range(num_engines)]
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(self.labels, stats, cache_info or {}))
+        collector = _EngineStatsCollector(model_name, self.engines, stats, cache_info or {})
+        self.registry.register(collector)
         ProcessCollector(registry=self.registry)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             [*LABELS, "finished_reason"], registry=self.registry,
         )  # fmt: skip
-        for reason in FINISH_REASONS:  # export zeros from the start, as vLLM does
-            self.request_success.labels(*self.labels, reason)
+        for engine in self.engines:  # export zeros from the start, as vLLM does
+            for reason in FINISH_REASONS:
+                self.request_success.labels(model_name, engine, reason)
         token_buckets = build_1_2_5_buckets(max_model_len)
         h = self._histogram
         self.ttft = h("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)  # fmt: skip
@@ -93,117 +99,132 @@ class ServerMetrics:
         self.params_max_tokens = h("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets)  # fmt: skip
         self.phases = {attr: h(name, doc, E2E_BUCKETS) for attr, name, doc in _PHASES}
 
-    def _histogram(self, name: str, doc: str, buckets) -> Histogram:
+    def _histogram(self, name: str, doc: str, buckets) -> dict[str, Histogram]:
+        """engine label -> the histogram of that engine (exported empty from the start)."""
         family = Histogram(name, doc, LABELS, buckets=buckets, registry=self.registry)
-        return family.labels(*self.labels)
+        return {engine: family.labels(self.model_name, engine) for engine in self.engines}
 
-    def on_step(self, iteration: IterationStats) -> None:
+    def on_step(self, iteration: IterationStats, engine: str = "0") -> None:
         """Observe what one engine step did (called by the engine thread after each step)."""
-        self.iteration_tokens.observe(iteration.num_tokens)
+        self.iteration_tokens[engine].observe(iteration.num_tokens)
         for ttft in iteration.time_to_first_tokens:
-            self.ttft.observe(ttft)
+            self.ttft[engine].observe(ttft)
         for latency in iteration.inter_token_latencies:
-            self.itl.observe(latency)
-            self.tpot.observe(latency)
+            self.itl[engine].observe(latency)
+            self.tpot[engine].observe(latency)
 
-    def on_finished(self, output: RequestOutput, params: SamplingParams | None = None) -> None:
+    def on_finished(
+        self, output: RequestOutput, params: SamplingParams | None = None, engine: str = "0"
+    ) -> None:
         """Count one finished engine request (one prompt) and observe its histograms."""
         reason = output.outputs[0].finish_reason or "stop"
-        self.request_success.labels(*self.labels, reason).inc()
+        self.request_success.labels(self.model_name, engine, reason).inc()
         metrics = output.metrics
         if metrics is None:
             return
         longest = metrics.max_num_generation_tokens  # a stream's last output holds a delta
-        self.prompt_tokens.observe(metrics.num_prompt_tokens)
-        self.generation_tokens.observe(metrics.num_generation_tokens)
-        self.max_generation_tokens.observe(longest)
-        self.params_n.observe(len(output.outputs))
+        self.prompt_tokens[engine].observe(metrics.num_prompt_tokens)
+        self.generation_tokens[engine].observe(metrics.num_generation_tokens)
+        self.max_generation_tokens[engine].observe(longest)
+        self.params_n[engine].observe(len(output.outputs))
         if params is not None and params.max_tokens:
-            self.params_max_tokens.observe(params.max_tokens)
+            self.params_max_tokens[engine].observe(params.max_tokens)
         for attr, histogram in self.phases.items():
             value = getattr(metrics, attr)
             if value is not None:
-                histogram.observe(value)
+                histogram[engine].observe(value)
         if longest > 1 and metrics.decode_time is not None:
-            self.request_tpot.observe(metrics.decode_time / (longest - 1))
+            self.request_tpot[engine].observe(metrics.decode_time / (longest - 1))
 
-    def on_aborted(self, count: int) -> None:
-        self.request_success.labels(*self.labels, "abort").inc(count)
+    def on_aborted(self, count: int, engine: str = "0") -> None:
+        self.request_success.labels(self.model_name, engine, "abort").inc(count)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _EngineStatsCollector:
-    """Engine gauges and token counters, read from the latest stats snapshot at scrape time."""
+    """Engine gauges and token counters, read from the latest stats snapshots at scrape time."""
 
     def __init__(
-        self, labels: list[str], stats: Callable[[], EngineStats], cache_info: dict[str, str]
+        self,
+        model_name: str,
+        engines: list[str],
+        stats: Callable[[], list[EngineStats]],
+        cache_info: dict[str, str],
     ) -> None:
-        self.labels = labels
+        self.model_name = model_name
+        self.engines = engines
         self.stats = stats
         self.cache_info = cache_info
 
     def collect(self) -> Iterator[Metric]:
-        stats, labels = self.stats(), self.labels
-        usage = stats.kv_cache_usage
-        gauges = (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.",
-             stats.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             stats.num_waiting),
-            # vLLM V0's; preemption here recomputes, it never swaps to the CPU.
-            ("vllm:num_requests_swapped", "Number of requests swapped to CPU.", 0),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
-            ("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage."
-             "DEPRECATED: Use vllm:kv_cache_usage_perc instead.", usage),
-        )  # fmt: skip
-        yield from _families(GaugeMetricFamily, gauges, labels)
-        counters = (
-            ("vllm:prefix_cache_queries",
-             "Prefix cache queries, in terms of number of queried tokens.",
-             stats.prefix_cache_queries),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-             stats.prefix_cache_hits),
-            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-             stats.num_preemptions),
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens),
-            ("vllm:generation_tokens", "Number of generation tokens processed.",
-             stats.generation_tokens),
-        )  # fmt: skip
-        yield from _families(CounterMetricFamily, counters, labels)
+        pairs = list(zip(self.engines, self.stats(), strict=False))
+        rows: dict[tuple[type, str, str], list[tuple[list[str], float]]] = {}
+        for engine, stats in pairs:
+            for kind, metric, doc, value in _engine_rows(stats):
+                rows.setdefault((kind, metric, doc), []).append(([self.model_name, engine], value))
+        for (kind, metric, doc), samples in rows.items():
+            family = kind(metric, doc, labels=LABELS)
+            for labels, value in samples:
+                family.add_metric(labels, value)
+            yield family
         info = GaugeMetricFamily(
             "vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
             labels=[*self.cache_info, "engine"],
         )  # fmt: skip
-        info.add_metric([*self.cache_info.values(), labels[1]], 1)
+        for engine, _ in pairs:
+            info.add_metric([*self.cache_info.values(), engine], 1)
         yield info
-        if stats.spec is not None:
-            yield from _spec_decode_families(stats.spec, labels)
+        specs = [(engine, stats.spec) for engine, stats in pairs if stats.spec is not None]
+        if specs:
+            yield from _spec_decode_families(self.model_name, specs)
 
 
-def _families(kind, rows, labels: list[str]) -> Iterator[Metric]:
-    """One single-sample family per (metric, help, value) row, labelled model_name and engine."""
-    for metric, doc, value in rows:
-        family = kind(metric, doc, labels=LABELS)
-        family.add_metric(labels, value)
-        yield family
+def _engine_rows(stats: EngineStats) -> list[tuple[type, str, str, float]]:
+    usage = stats.kv_cache_usage
+    g, c = GaugeMetricFamily, CounterMetricFamily
+    return [
+        (g, "vllm:num_requests_running", "Number of requests in model execution batches.",
+         stats.num_running),
+        (g, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+         stats.num_waiting),
+        # vLLM V0's; preemption here recomputes, it never swaps to the CPU.
+        (g, "vllm:num_requests_swapped", "Number of requests swapped to CPU.", 0),
+        (g, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+        (g, "vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage."
+         "DEPRECATED: Use vllm:kv_cache_usage_perc instead.", usage),
+        (c, "vllm:prefix_cache_queries",
+         "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries),
+        (c, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+         stats.prefix_cache_hits),
+        (c, "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+         stats.num_preemptions),
+        (c, "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens),
+        (c, "vllm:generation_tokens", "Number of generation tokens processed.",
+         stats.generation_tokens),
+    ]  # fmt: skip
 
 
-def _spec_decode_families(spec, labels: list[str]) -> Iterator[Metric]:
+def _spec_decode_families(model_name: str, specs: list) -> Iterator[Metric]:
     """vLLM's speculative-decoding counters; acceptance per draft position carries a label."""
-    counters = (
-        ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
-        ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+    rows = (
+        ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", "num_drafts"),
+        ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", "num_draft_tokens"),
         ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
-         spec.num_accepted_tokens),
+         "num_accepted_tokens"),
     )  # fmt: skip
-    yield from _families(CounterMetricFamily, counters, labels)
+    for metric, doc, attr in rows:
+        family = CounterMetricFamily(metric, doc, labels=LABELS)
+        for engine, spec in specs:
+            family.add_metric([model_name, engine], getattr(spec, attr))
+        yield family
     per_pos = CounterMetricFamily(
         "vllm:spec_decode_num_accepted_tokens_per_pos",
         "Accepted tokens per draft position.",
         labels=[*LABELS, "position"],
     )
-    for position, value in enumerate(spec.accepted_per_pos):
-        per_pos.add_metric([*labels, str(position)], value)
+    for engine, spec in specs:
+        for position, value in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([model_name, engine, str(position)], value)
     yield per_pos
