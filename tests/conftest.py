@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Python processes the tests start (`python -m nanovllm.cli`, `python -c ...`) import the installed
+# package, as a user's would, not the source tree beside them: with the working directory first
+# on sys.path they would find `nanovllm/` here, which has no `nanovllm.tui` (that lives in `tui/`
+# and is mapped into the package only by installing it).
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture(scope="session")

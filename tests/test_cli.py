@@ -176,7 +176,7 @@ def test_without_the_cuda_extra_one_line_names_it(model, argv):
 def test_every_readme_generate_example_has_a_token_cap():
     """The README's `nanovllm generate` examples end quickly on the demo model: none runs to the
     model's whole context (8,192 tokens for SmolLM2) when it does not emit EOS."""
-    readme = (Path(cli.__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     examples = [line for line in readme.splitlines() if line.startswith("nanovllm generate")]
     assert len(examples) >= 5
     for line in examples:
