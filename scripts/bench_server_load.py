@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanovllm.bench import parse_range
-from nanovllm.bench_serve import ServeResult, run_serve_bench
+from nanovllm.bench.serve import ServeResult, run_serve_bench
+from nanovllm.bench.workload import parse_range
 
 ROOT = Path(__file__).resolve().parent.parent
 

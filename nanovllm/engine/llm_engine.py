@@ -25,7 +25,6 @@ from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Request, Sequence, sequence_generator
 from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats, SequenceView
-from nanovllm.engine.step import SchedulerOutput
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -158,20 +157,16 @@ class LLMEngine:
         if not scheduled:
             return []
         self._num_steps += 1
-        _mark_scheduled(scheduled, time.monotonic())
         result = self.runner.execute(scheduled)
         touched = self.processor.process(scheduled, result, time.monotonic())
         self.scheduler.update(scheduled, result)
-        for item in scheduled.scheduled:
-            self._after(item.seq.request)
-        return [self.processor.output(request) for request in touched]
-
-    def _after(self, request: Request) -> None:
-        if request.is_finished:
+        for request in self.processor.finished:
             self.requests.pop(request.request_id, None)
-        elif len(request.seqs) < request.params.n and request.seqs[0].first_token_time is not None:
-            for _ in range(len(request.seqs), request.params.n):
-                self._spawn(request)
+        for request in self.processor.first_sampled:
+            if request.params.n > 1:  # its samples follow the first, whose prompt is cached now
+                for _ in range(len(request.seqs), request.params.n):
+                    self._spawn(request)
+        return [self.processor.output(request) for request in touched]
 
     # ---- stats -----------------------------------------------------------------------------
     @property
@@ -221,11 +216,3 @@ class LLMEngine:
             for seq in seqs
         ]
         return EngineSnapshot(views, self.block_manager.block_states())
-
-
-def _mark_scheduled(step: SchedulerOutput, now: float) -> None:
-    """A request's queue time ends when one of its sequences is first scheduled."""
-    for item in step.scheduled:
-        request = item.seq.request
-        if request.scheduled_time is None:
-            request.scheduled_time = now

@@ -45,6 +45,9 @@ class OutputProcessor:
         self.counters = TokenCounters()
         self.step_index = 0
         self.iteration = IterationStats()  # the latest step's
+        # The latest step's requests that finished, and that sampled their first token.
+        self.finished: list[Request] = []
+        self.first_sampled: list[Request] = []
 
     def add_sequence(self, seq: Sequence) -> None:
         params = seq.params
@@ -61,6 +64,7 @@ class OutputProcessor:
         """Append the step's tokens; the requests that have an output to report, in order."""
         self.step_index += 1
         self.iteration = IterationStats(num_tokens=step.num_tokens)
+        self.finished, self.first_sampled = [], []
         touched: dict[str, Request] = {}
         for item, sampled in zip(step.scheduled, result.seqs, strict=True):
             if sampled.prompt_logprobs:
@@ -78,6 +82,7 @@ class OutputProcessor:
             if seq.index == 0:
                 self.counters.prompt_tokens += seq.num_prompt_tokens
                 self.iteration.time_to_first_tokens.append(now - seq.request.arrival_time)
+                self.first_sampled.append(seq.request)
         else:
             self.iteration.inter_token_latencies.append(now - seq.last_token_time)
         seq.last_token_time = now
@@ -91,6 +96,7 @@ class OutputProcessor:
         if seq.finish_reason is not None and request.is_finished:
             request.finish_time = now
             self.counters.finished_requests += 1
+            self.finished.append(request)
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)

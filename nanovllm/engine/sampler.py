@@ -71,6 +71,14 @@ class Sampler:
 
     def verify(self, logits, groups: list[VerifyGroup]) -> list[SampledTokens]:
         """The tokens each group keeps. logits holds the groups' rows in order."""
+        if len(groups) == len(logits):  # one row each: nobody verifies, all sample at once
+            sampled = self(logits, [group.rows[0] for group in groups])
+            return [
+                SampledTokens([token], 0, [logprobs])
+                for token, logprobs in zip(
+                    sampled.token_ids.tolist(), sampled.logprobs, strict=True
+                )
+            ]
         starts = np.cumsum([0] + [len(g.rows) for g in groups])
         plain = [i for i, g in enumerate(groups) if not g.draft_token_ids]
         out: list[SampledTokens | None] = [None] * len(groups)

@@ -11,6 +11,7 @@ KV now computed, blocks cached, rejected speculative slots trimmed, finished seq
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from nanovllm.config import EngineConfig
@@ -121,6 +122,8 @@ class Scheduler:
             manager.allocate(seq, num_cached + num_tokens, hits)
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
+            if seq.request.scheduled_time is None:  # its queue time ends here
+                seq.request.scheduled_time = time.monotonic()
             self.waiting.popleft()
             self.running.append(seq)
             step.add(seq, num_tokens)
