@@ -22,6 +22,7 @@ nanovllm.structured (and llguidance) load only when a request asks for a constra
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,16 +82,19 @@ class StructuredOutputs:
         self.eos_token_ids = eos_token_ids
         self.reasoning_parser = reasoning_parser
         self._compiler = compiler  # a GrammarCompiler, built at the first grammar
+        self._lock = threading.Lock()
         self.awaiting: list[Sequence] = []
         self.num_constrained_requests = 0
 
     @property
     def compiler(self):
-        if self._compiler is None:
-            from nanovllm.structured.compiler import GrammarCompiler
+        with self._lock:  # front ends' request threads validate grammars too
+            if self._compiler is None:
+                from nanovllm.structured.compiler import GrammarCompiler
 
-            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._compiler
+                vocab, eos = self.vocab_size, self.eos_token_ids
+                self._compiler = GrammarCompiler(self.tokenizer, vocab, eos)
+            return self._compiler
 
     def validate(self, params: SamplingParams, field: str | None = None) -> None:
         """Compile params' grammar now, in the calling thread (cached for the engine's own

@@ -77,6 +77,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds an idle connection stays open",
     )
+    add_structured_args(parser)
+
+
+def add_structured_args(parser: argparse.ArgumentParser) -> None:
+    from nanovllm.structured.reasoning import REASONING_PARSERS
+    from nanovllm.structured.tool_parsers import TOOL_PARSERS
+
+    g = parser.add_argument_group("tool calling and reasoning")
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        help="how the model writes tool calls: hermes (Qwen2.5, Qwen3, Hermes), llama3_json",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        help="split <think>...</think> into the message's `reasoning`; a grammar then applies "
+        "only after it",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -84,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
     config.served_model_name = args.served_model_name
+    config.reasoning_parser = args.reasoning_parser
     server = server_config(args)
     _setup_logging()
     return serve(config, server, sampling_overrides(args))
@@ -101,6 +126,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag)
         _require(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     _require(args.api_key != "", "--api-key must not be empty")
+    _require(
+        not args.enable_auto_tool_choice or args.tool_call_parser is not None,
+        "--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)",
+    )
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -112,6 +141,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         receive_timeout=args.receive_timeout,
         send_timeout=args.send_timeout,
         keep_alive_timeout=args.keep_alive_timeout,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -51,6 +51,9 @@ class ServerConfig:
     receive_timeout: float = 10.0
     send_timeout: float = 30.0
     keep_alive_timeout: float = 30.0
+    # Free-form tool calls (tool_choice "auto"): vLLM's two flags.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     @property
     def deadlines(self) -> Deadlines:
@@ -63,8 +66,11 @@ def build_state(
     """Wire the engine thread, metrics and validation context around a loaded engine."""
     tokenizer = engine.tokenizer
 
-    def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def render_chat(messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        # kwargs: `tools` and the request's chat_template_kwargs
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
 
     # The metrics read the thread's stats snapshot; the thread reports finishes to the metrics.
     metrics = ServerMetrics(model_name, lambda: thread.stats)
@@ -75,6 +81,9 @@ def build_state(
         accepted_names=frozenset({model_name, engine.config.model}),
         render_chat=render_chat,
         vocab_size=tokenizer.vocab_size,
+        tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None,
+        reasoning_parser=engine.config.reasoning_parser,
+        check_constraint=engine.structured.validate,
     )
     return ServerState(
         engine=thread,
