@@ -80,7 +80,11 @@ def free_port() -> int:
 
 
 def start_server(
-    model: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None
+    model: Path,
+    log_dir: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    start_timeout: float = START_TIMEOUT_S,
 ) -> ServerProcess:
     """Start `python -m nanovllm.server.cli` and wait until /health answers 200."""
     port = free_port()
@@ -92,7 +96,7 @@ def start_server(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log()}")
@@ -103,7 +107,7 @@ def start_server(
             pass
         time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"the server did not come up in {START_TIMEOUT_S} s:\n{server.log()}")
+    raise RuntimeError(f"the server did not come up in {start_timeout} s:\n{server.log()}")
 
 
 def stream_events(response: requests.Response) -> Iterator[tuple[float, str]]:
