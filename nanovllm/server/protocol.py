@@ -200,7 +200,8 @@ def parse_tokenize(body: dict, ctx: ProtocolContext) -> TokenizeRequest:
     """vLLM's /tokenize: a `prompt` string, or chat `messages` rendered by the template."""
     chat = body.get("messages") is not None
     fields = {"model", "add_special_tokens", "return_token_strs"}
-    _check_fields(body, fields | ({"messages", "add_generation_prompt"} if chat else {"prompt"}))
+    chat_fields = {"messages", "add_generation_prompt", "tools", "chat_template_kwargs"}
+    _check_fields(body, fields | (chat_fields if chat else {"prompt"}))
     check_model(body, ctx)
     strs = _typed(body, "return_token_strs", bool) or False
     special = _typed(body, "add_special_tokens", bool)
@@ -209,11 +210,10 @@ def parse_tokenize(body: dict, ctx: ProtocolContext) -> TokenizeRequest:
         prompt = _typed(body, "prompt", str)
         return TokenizeRequest(prompt, special is not False, strs)
     messages = parse_messages(body["messages"])
-    add_generation_prompt = _typed(body, "add_generation_prompt", bool) is not False
-    try:
-        text = ctx.render_chat(messages, add_generation_prompt=add_generation_prompt)
-    except ValueError as e:
-        raise bad_request(str(e), "messages") from e
+    kwargs = dict(_typed(body, "chat_template_kwargs", dict) or {})
+    kwargs["add_generation_prompt"] = _typed(body, "add_generation_prompt", bool) is not False
+    tools = _parameter(lambda: parse_tools(body.get("tools") or None, "none"))
+    text = _render(ctx, messages, tools, kwargs)
     return TokenizeRequest(text, special is True, strs, "messages")
 
 
