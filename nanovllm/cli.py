@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,12 +17,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from nanovllm.engine.assembly import build_engine
     from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
+    structured = _structured_outputs(args)  # a bad file is refused before the model loads
     engine = build_engine(engine_config(args))
     defaults = engine.generation_config
     params = SamplingParams.from_generation_config(
         defaults, **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
         stop=args.stop or [], ignore_eos=args.ignore_eos, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured,
     )  # fmt: skip
+    engine.structured.validate(params, "--json-schema" if args.json_schema else "--regex")
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -52,6 +56,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 130 if reason == "interrupted" else 0
 
 
+def _structured_outputs(args: argparse.Namespace):
+    """--json-schema FILE or --regex PATTERN as a StructuredOutputsParams (None without)."""
+    from nanovllm.structured import StructuredOutputsParams
+
+    if args.json_schema is not None and args.regex is not None:
+        raise NanovllmError("give --json-schema or --regex, not both")
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if args.json_schema is None:
+        return None
+    try:
+        text = open(args.json_schema, encoding="utf-8").read()
+        schema = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NanovllmError(
+            f"--json-schema {args.json_schema}: cannot read a JSON schema: {e}"
+        ) from e
+    if not isinstance(schema, dict):
+        raise NanovllmError(f"--json-schema {args.json_schema}: a JSON schema is an object")
+    return StructuredOutputsParams(json=schema)
+
+
 def cmd_download_demo(args: argparse.Namespace) -> int:
     from nanovllm.demo import demo_model_path
 
@@ -79,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--request-seed", type=int, default=None, help="seed of this request's sampling"
     )
+    gen.add_argument(
+        "--json-schema", metavar="FILE", help="the output must be JSON valid for this schema"
+    )
+    gen.add_argument("--regex", help="the output must match this regular expression")
     gen.set_defaults(func=cmd_generate)
 
     from nanovllm.server.cli import add_serve_parser  # local: it imports this module

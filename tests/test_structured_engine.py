@@ -310,3 +310,35 @@ def test_200_mixed_constrained_and_free_requests_leave_no_block_behind(llm):
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and not engine.scheduler.waiting
     assert stats.masks.num_rows > 0 and stats.masks.seconds > 0
+
+
+# ---- the mask changes only the forbidden tokens' probability ---------------------------------
+def test_sampling_under_a_grammar_mask_follows_the_renormalized_distribution(llm):
+    """With a grammar that forbids a known set, the draws over the rest follow the
+    unconstrained softmax renormalized over the allowed tokens (chi-square, 20,000 draws), the
+    mask applied by the backend's op as the runner applies it."""
+    from test_sampler import DRAWS, chi_square_p, row, softmax
+
+    from nanovllm.engine.sampler import Sampler
+    from nanovllm.structured.constraint import fill_bitmasks
+
+    digits = StructuredOutputsParams(regex="[0-9]")
+    vocab = llm.engine.model_config.vocab_size
+    logits = np.random.default_rng(5).normal(0.0, 1.5, vocab).astype(np.float32)
+    allowed = np.unpackbits(
+        np.frombuffer(oracle(llm, digits).compute_bitmask(), dtype=np.uint8), bitorder="little"
+    )[:vocab].astype(bool)
+    assert 5 <= allowed.sum() < vocab // 10  # the single-digit tokens (and EOS: none yet)
+    constraint = llm.engine.structured.compiler.compile(digits).constraint()
+    one = np.empty((1, -(-vocab // 32)), dtype=np.int32)
+    fill_bitmasks([(constraint, [])], one)
+    masks = np.ascontiguousarray(np.tile(one, (DRAWS, 1)))
+    masked = np.tile(logits, (DRAWS, 1))
+    llm.engine.runner.backend.apply_token_bitmask(masked, masks, np.arange(DRAWS))
+    out = Sampler(seed=11)(masked, [row(SamplingParams(temperature=1.0)) for _ in range(DRAWS)])
+    counts = np.bincount(out.token_ids, minlength=vocab)
+    expected = np.where(allowed, softmax(logits), 0.0)
+    assert counts[~allowed].sum() == 0
+    assert chi_square_p(counts, expected / expected.sum()) > 1e-3
+    uniform = allowed / allowed.sum()  # the test can tell a wrong distribution apart
+    assert chi_square_p(counts, uniform) < 1e-6
