@@ -294,3 +294,10 @@ def test_litellm_tools(server):
         reply.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "get_weather"
     )
     jsonschema.validate(json.loads(calls[0].function.arguments), tools[0]["function"]["parameters"])
+
+
+def test_metrics_count_constrained_requests_and_mask_time(server):
+    metrics = server.metrics()
+    assert metrics[("nanovllm:structured_output_requests_total", ())] >= len(CASES)
+    assert metrics[("nanovllm:structured_output_mask_rows_total", ())] > 100
+    assert metrics[("nanovllm:structured_output_mask_seconds_total", ())] > 0

@@ -23,7 +23,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class ServerMetrics:
@@ -100,8 +100,25 @@ class _EngineStatsCollector:
             ("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens),
         )  # fmt: skip
         yield from _families(CounterMetricFamily, counters, name)
+        yield from _families(CounterMetricFamily, _structured_counters(stats), name)
         if stats.spec is not None:
             yield from _spec_decode_families(stats.spec, name)
+
+
+def _structured_counters(stats: EngineStats) -> tuple:
+    """Structured outputs (no vLLM metric says this): constrained requests, and the host time
+    spent computing their token masks (grammar, allowed_token_ids, bad_words)."""
+    masks = stats.masks
+    return (
+        ("nanovllm:structured_output_requests",
+         "Requests with a token constraint (grammar, allowed_token_ids or bad_words).",
+         stats.num_constrained_requests),
+        ("nanovllm:structured_output_mask_seconds",
+         "Seconds spent computing token masks on the host.", masks.seconds),
+        ("nanovllm:structured_output_mask_rows",
+         "Logits rows masked (one per constrained sequence per step, k + 1 when verifying).",
+         masks.num_rows),
+    )  # fmt: skip
 
 
 def _families(kind, rows, name: list[str]) -> Iterator[Metric]:
