@@ -233,6 +233,8 @@ def test_logit_bias_and_bad_words_reach_the_sampler(client, server):
          "response_format", "invalid or unsupported JSON schema"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "credit-card"}}}},
          "response_format", "format"),
+        ({"structured_outputs": {"json": {"type": "array", "uniqueItems": True}}}, "structured_outputs",
+         'Unimplemented keys: ["uniqueItems"]'),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "invalid or unsupported regex"),
         ({"structured_outputs": {"grammar": 'start: foo\nfoo: "a" bar'}}, "structured_outputs",
          'unknown name: "bar"'),
