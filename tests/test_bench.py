@@ -48,9 +48,11 @@ def test_bench_structured_times_both_phases_of_every_round_and_the_masks(model):
     assert (report["batch"], report["output_len"], report["rounds"]) == (4, 6, 2)
     assert len(report["free_step_ms"]) == len(report["masked_step_ms"]) == 2
     assert report["mask_ms_per_step"] > 0 and report["mask_us_per_row"] > 0
+    medians = [sum(report[k]) / 2 for k in ("masked_step_ms", "free_step_ms")]  # of 2 values
     # One row per sequence per masked step: per-step time = 4 rows x per-row time.
     assert report["mask_ms_per_step"] == pytest.approx(4 * report["mask_us_per_row"] / 1000)
-    medians = [sum(report[k]) / 2 for k in ("masked_step_ms", "free_step_ms")]  # of 2 values
+    masks = report["mask_ms_per_step"] + report["apply_ms_per_step"]
+    assert report["overhead"] == pytest.approx(masks / medians[1])
     assert report["ratio"] == pytest.approx(medians[0] / medians[1])
 
 

@@ -342,3 +342,16 @@ def test_sampling_under_a_grammar_mask_follows_the_renormalized_distribution(llm
     assert chi_square_p(counts, expected / expected.sum()) > 1e-3
     uniform = allowed / allowed.sum()  # the test can tell a wrong distribution apart
     assert chi_square_p(counts, uniform) < 1e-6
+
+
+def test_the_cuda_backend_masks_the_logits_on_the_device_as_the_cpu_does(model_path, llm):
+    """kernels/token_bitmask.cu through the whole engine (on the CUDA emulator): the same greedy
+    tokens under a grammar as the NumPy backend."""
+    prompts, params = prompts_for(2), constrained_batch(2)
+    params = [p.clone(max_tokens=10) for p in params]
+    cpu = llm.generate(prompts, params, use_tqdm=False)
+    gpu = LLM(model_path, device="cuda-emulated", dtype="float32", num_blocks=32, block_size=4,
+              max_num_seqs=2)  # fmt: skip
+    outputs = gpu.generate(prompts, params, use_tqdm=False)
+    assert gpu.engine.stats().masks.num_rows >= 10
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in cpu]

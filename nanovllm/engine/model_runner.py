@@ -111,8 +111,10 @@ class ModelRunner:
         # A row that allows nothing (allowed_token_ids outside the grammar) would be all -inf:
         # allow everything there; the constraint then refuses the token and the request ends.
         masks[~masks.any(axis=1)] = ALL_ALLOWED
-        self.mask_stats.record(len(jobs), len(rows), time.perf_counter() - started)
+        filled = time.perf_counter()
         self.backend.apply_token_bitmask(logits, masks, np.asarray(rows))
+        applied = time.perf_counter()
+        self.mask_stats.record(len(jobs), len(rows), filled - started, applied - filled)
 
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):

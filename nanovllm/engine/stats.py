@@ -14,14 +14,16 @@ class MaskStats:
     num_seqs: int = 0  # a sequence masked in a step counts once per step
     num_rows: int = 0  # logits rows masked (k + 1 per sequence when verifying k guesses)
     seconds: float = 0.0  # computing the masks on the host (llguidance)
+    apply_seconds: float = 0.0  # applying them to the logits (on a GPU: launching the kernel)
 
-    def record(self, num_seqs: int, num_rows: int, seconds: float) -> None:
+    def record(self, num_seqs: int, num_rows: int, seconds: float, apply_seconds: float) -> None:
         self.num_seqs += num_seqs
         self.num_rows += num_rows
         self.seconds += seconds
+        self.apply_seconds += apply_seconds
 
     def snapshot(self) -> MaskStats:
-        return MaskStats(self.num_seqs, self.num_rows, self.seconds)
+        return MaskStats(self.num_seqs, self.num_rows, self.seconds, self.apply_seconds)
 
 
 @dataclass(slots=True)
