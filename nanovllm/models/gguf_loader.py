@@ -125,6 +125,11 @@ class GGUFCheckpoint:
     generation_config: dict
     _tensors: list[_Tensor] = field(default_factory=list, repr=False)
 
+    @property
+    def num_weights(self) -> int:
+        """How many tensors weights() yields (stacked experts one by one)."""
+        return sum(tensor.experts or 1 for tensor in self._tensors)
+
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """(HF name, float32 array) pairs, each tensor dequantized only when it is reached."""
         for tensor in self._tensors:
