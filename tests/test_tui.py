@@ -370,7 +370,7 @@ def canned_metrics(spec: SpecStats | None) -> bytes:
     )  # fmt: skip
     metrics = ServerMetrics("m", lambda: [stats])
     for ttft in (0.03, 0.03, 0.07, 0.2):
-        metrics.ttft.labels("m").observe(ttft)
+        metrics.ttft["0"].observe(ttft)
     return metrics.render()[0]
 
 
@@ -564,7 +564,7 @@ CANNED_DP_STATE = json.dumps({
 def canned_dp_metrics() -> bytes:
     used = [0.25, 0.75]
     stats = [EngineStats(1, 0, 8, 8 - int(8 * u), 0, 0, 0, 0, 10, 5, 1, 3) for u in used]
-    return ServerMetrics("m", lambda: stats, ["0", "1"]).render()[0]
+    return ServerMetrics("m", lambda: stats, num_engines=2).render()[0]
 
 
 @pytest.mark.asyncio

@@ -54,9 +54,12 @@ class TensorParallelRunner(ModelRunner):
         )  # fmt: skip
         self.ranks = ranks
 
-    def eager_logits(self, items: list[ForwardItem]):
+    supports_prompt_logprobs = False  # the ranks return only the rows to sample
+
+    def _eager(self, items: list[ForwardItem]):
         inputs = prepare(items, self.block_size)
-        return self.backend.asarray(self.ranks.execute(inputs, self.block_size))
+        logits = self.backend.asarray(self.ranks.execute(inputs, self.block_size))
+        return logits, [[] for _ in items]
 
 
 def start_ranks(

@@ -9,7 +9,7 @@ a next-token distribution go through the LM head.
 from __future__ import annotations
 
 from collections.abc import Sequence as Tokens
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,7 +63,8 @@ class StepInputs:
     positions: np.ndarray
     attention: AttentionInputs
     logits_rows: np.ndarray  # flat-batch rows that go through the LM head to be sampled
-    prompt_rows: np.ndarray  # flat-batch rows whose logits score prompt tokens
+    # flat-batch rows whose logits score prompt tokens (requests that asked for prompt_logprobs)
+    prompt_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def prepare(items: list[ForwardItem], block_size: int) -> StepInputs:

@@ -87,6 +87,8 @@ class LLMEngine:
         params = params or self.default_sampling_params()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
+            raise ValueError("prompt_logprobs is not supported with --tensor-parallel-size > 1")
         text, token_ids = self._tokenize(prompt, add_special_tokens)
         params = self._check_lengths(token_ids, params)
         params.validate_token_ids(self.model_config.vocab_size)

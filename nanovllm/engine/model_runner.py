@@ -34,6 +34,7 @@ def allocate_kv_cache(
 
 
 class ModelRunner:
+    supports_prompt_logprobs = True
     def __init__(
         self,
         model,

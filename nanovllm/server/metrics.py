@@ -71,8 +71,13 @@ class ServerMetrics:
         max_model_len: int = 8192,
         cache_info: dict[str, str] | None = None,
         num_engines: int = 1,
+        step_feed: bool = True,
     ) -> None:
+        """`step_feed`: the engine thread calls on_step after each step. Without it (replicas
+        in other processes), time to first token and time per output token are observed from
+        each finished request's own timings instead."""
         self.model_name = model_name
+        self.step_feed = step_feed
         self.engines = [str(i) for i in range(num_engines)]
         self.registry = CollectorRegistry()
         collector = _EngineStatsCollector(model_name, self.engines, stats, cache_info or {})
@@ -135,6 +140,10 @@ class ServerMetrics:
                 histogram[engine].observe(value)
         if longest > 1 and metrics.decode_time is not None:
             self.request_tpot[engine].observe(metrics.decode_time / (longest - 1))
+            if not self.step_feed:
+                self.tpot[engine].observe(metrics.decode_time / (longest - 1))
+        if not self.step_feed and metrics.time_to_first_token is not None:
+            self.ttft[engine].observe(metrics.time_to_first_token)
 
     def on_aborted(self, count: int, engine: str = "0") -> None:
         self.request_success.labels(self.model_name, engine, "abort").inc(count)

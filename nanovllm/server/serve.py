@@ -99,8 +99,9 @@ def start_engines(
         size, config.ray_address, config.max_replica_restarts, in_flight, config.log_interval
     )
     metrics = ServerMetrics(
-        name, lambda: client.engine_stats(), engine_config.max_model_len or 8192, num_engines=size
-    )
+        name, lambda: client.engine_stats(), engine_config.max_model_len or 8192,
+        num_engines=size, step_feed=False,
+    )  # fmt: skip
     client = RayEngineClient(engine_config, options, metrics.on_finished, metrics.on_aborted)
     return client, metrics
 
