@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,14 +27,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = engine_config(args)
     if not args.prompt:
         raise NanovllmError("--prompt must not be empty")
+    structured = _structured_outputs(args)
     request = dict(
         **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
         stop=args.stop or [], ignore_eos=args.ignore_eos, output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured,
     )  # fmt: skip
     SamplingParams(**request)  # the flags' ranges
     setup_logging()
     engine = build_engine(config)
     params = SamplingParams.from_generation_config(engine.generation_config, **request)
+    engine.structured.validate(params, "--json-schema" if args.json_schema else "--regex")
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -62,6 +66,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 130 if reason == "interrupted" else 0
+
+
+def _structured_outputs(args: argparse.Namespace):
+    """--json-schema FILE or --regex PATTERN as a StructuredOutputsParams (None without)."""
+    from nanovllm.structured import StructuredOutputsParams
+
+    if args.json_schema is not None and args.regex is not None:
+        raise NanovllmError("give --json-schema or --regex, not both")
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if args.json_schema is None:
+        return None
+    try:
+        text = open(args.json_schema, encoding="utf-8").read()
+        schema = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NanovllmError(
+            f"--json-schema {args.json_schema}: cannot read a JSON schema: {e}"
+        ) from e
+    if not isinstance(schema, dict):
+        raise NanovllmError(f"--json-schema {args.json_schema}: a JSON schema is an object")
+    return StructuredOutputsParams(json=schema)
 
 
 def cmd_download_demo(args: argparse.Namespace) -> int:
@@ -95,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--request-seed", type=int, default=None, help="seed of this request's sampling"
     )
+    gen.add_argument(
+        "--json-schema", metavar="FILE", help="the output must be JSON valid for this schema"
+    )
+    gen.add_argument("--regex", help="the output must match this regular expression")
     gen.set_defaults(func=cmd_generate)
 
     from nanovllm.server.cli import add_serve_parser  # local: it imports this module

@@ -31,6 +31,9 @@ class EngineConfig:
     prompt_lookup_max: int = 4
     # Decode without CUDA graphs (the CPU backend always does).
     enforce_eager: bool = False
+    # A <think> model's reasoning parser ("qwen3", "deepseek_r1"): a grammar then applies only
+    # after the reasoning (the server also splits the reasoning out of responses with it).
+    reasoning_parser: str | None = None
     # Ranks the model is split across (Megatron-style; nanovllm/models/sharding.py): GPUs on
     # `cuda`, in-process ranks with the reference communicator on the CPU and emulated devices.
     tensor_parallel_size: int = 1
@@ -70,6 +73,14 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         self._validate_speculation()
+        if self.reasoning_parser is not None:
+            from nanovllm.structured.reasoning import REASONING_PARSERS
+
+            if self.reasoning_parser not in REASONING_PARSERS:
+                raise ValueError(
+                    f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                    f"got {self.reasoning_parser!r}"
+                )
 
     def _check_positive(self, name: str) -> None:
         value = getattr(self, name)

@@ -57,13 +57,18 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
         **template_kwargs,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template, then generate. `tools`
+        (OpenAI's shape) and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the
+        template, as in vLLM; messages may carry assistant `tool_calls` and `tool` results."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
         prompts = [
             self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, **template_kwargs
+                conv, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs
             )
             for conv in conversations
         ]
@@ -82,6 +87,8 @@ class LLM:
 
     def _run(self, jobs, use_tqdm: bool) -> list[RequestOutput]:
         engine, order = self.engine, []
+        for params in {id(params): params for _, params, _ in jobs}.values():
+            engine.structured.validate(params)  # a bad grammar raises here, before any step
         try:
             for prompt, params, special in jobs:
                 params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)

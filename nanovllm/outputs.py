@@ -25,13 +25,14 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[Any] | None = None
     # What is new since the previous RequestOutput of this request (for streaming).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[Any] | None = None
+    error: str | None = None  # with finish_reason "error": what went wrong
 
     @property
     def finished(self) -> bool:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -340,3 +342,22 @@ def prompt_ids(length: int = 24) -> list[int]:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def perturbed_copy(source: Path, folder: Path, scale: float, seed: int) -> Path:
+    """The source model with every weight jittered by scale * its std: a draft that agrees with
+    the target often but not always, like a real one."""
+    from safetensors.numpy import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+            continue
+        weights = load_file(path)
+        for name, w in weights.items():
+            noise = rng.standard_normal(w.shape) * scale * float(w.std())
+            weights[name] = (w + noise).astype(w.dtype)
+        save_file(weights, folder / path.name, metadata={"format": "pt"})
+    return folder

@@ -38,6 +38,24 @@ def test_bench_throughput_json_counts_the_tokens_it_was_asked_for(model):
     assert report["total_tokens_per_s"] > report["output_tokens_per_s"]
 
 
+def test_bench_structured_times_both_phases_of_every_round_and_the_masks(model):
+    result = run_cli(
+        "bench", "structured", "--model", model, "--device", "cpu", "--batch", "4",
+        "--input-len", "6", "--output-len", "6", "--rounds", "2", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["batch"], report["output_len"], report["rounds"]) == (4, 6, 2)
+    assert len(report["free_step_ms"]) == len(report["masked_step_ms"]) == 2
+    assert report["mask_ms_per_step"] > 0 and report["mask_us_per_row"] > 0
+    medians = [sum(report[k]) / 2 for k in ("masked_step_ms", "free_step_ms")]  # of 2 values
+    # One row per sequence per masked step: per-step time = 4 rows x per-row time.
+    assert report["mask_ms_per_step"] == pytest.approx(4 * report["mask_us_per_row"] / 1000)
+    masks = report["mask_ms_per_step"] + report["apply_ms_per_step"]
+    assert report["overhead"] == pytest.approx(masks / medians[1])
+    assert report["ratio"] == pytest.approx(medians[0] / medians[1])
+
+
 def test_bench_throughput_text_line(model):
     result = run_cli(
         "bench", "throughput", "--model", model, "--device", "cpu", "--num-prompts", "2",

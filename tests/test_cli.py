@@ -98,6 +98,8 @@ def test_generate_streams_the_text_piece_by_piece(model, monkeypatch, capsys):
         (["--dtype", "float16"], ["float16", "--device cuda"], False),
         (["--prompt", ""], ["prompt"], False),
         (["--max-tokens", "100000"], ["100000"], True),  # the model's length decides
+        (["--regex", "("], ["--regex", "invalid or unsupported regex"], True),
+        (["--json-schema", "/nonexistent.json"], ["--json-schema", "/nonexistent.json"], False),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("-") else None,
 )
@@ -121,6 +123,24 @@ def test_a_flag_value_of_the_wrong_type_is_a_usage_error_not_a_traceback(model):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "--max-tokens" in result.stderr.strip().splitlines()[-1]
+
+
+def test_generate_with_a_json_schema_or_a_regex_prints_output_that_follows_it(model, tmp_path):
+    import json
+
+    import jsonschema
+
+    # A random model pads JSON objects with whitespace: an enum leaves it no room to wander.
+    schema = {"enum": ["red", "green", "blue"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    flags = ["--model", model, "--prompt", "hi", "--max-tokens", "30", "--temperature", "0"]
+    result = run_cli("generate", *flags, "--json-schema", str(path))
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), schema)
+    assert SUMMARY.match(result.stderr.strip())[3] == "stop"
+    result = run_cli("generate", *flags, "--regex", "[a-c]{2}-[0-9]{3}")
+    assert re.fullmatch(r"[a-c]{2}-[0-9]{3}\n", result.stdout), result.stdout
 
 
 def walk_options(parser: argparse.ArgumentParser, path: str = "nanovllm"):

@@ -410,7 +410,38 @@ BAD_REQUESTS = [
     ("surrogate-tokenize", "/tokenize", b'{"prompt": "\\udc00"}', {}, 400, "prompt"),
     ("suffix-refused", COMP, {"prompt": "x", "suffix": "end"}, {}, 400, "suffix"),
     ("best-of-refused", COMP, {"prompt": "x", "best_of": 2}, {}, 400, "best_of"),
-    ("tools-refused", CHAT, {"messages": USER, "tools": [{"type": "function"}]}, {}, 400, "tools"),
+    (
+        "tool-without-function",
+        CHAT,
+        {"messages": USER, "tools": [{"type": "function"}]},
+        {},
+        400,
+        "tools[0].function",
+    ),  # fmt: skip
+    (
+        "tool-choice-missing-tool",
+        CHAT,
+        {"messages": USER, "tool_choice": "required"},
+        {},
+        400,
+        "tool_choice",
+    ),  # fmt: skip
+    (
+        "bad-regex",
+        COMP,
+        {"prompt": "x", "structured_outputs": {"regex": "("}},
+        {},
+        400,
+        "structured_outputs",
+    ),  # fmt: skip
+    (
+        "logit-bias-out-of-vocab",
+        COMP,
+        {"prompt": "x", "logit_bias": {"99999": 1}},
+        {},
+        400,
+        "logit_bias",
+    ),  # fmt: skip
     ("unknown-field", COMP, {"prompt": "x", "frobnicate": 1}, {}, 400, "frobnicate"),
     ("messages-empty", CHAT, {"messages": []}, {}, 400, "messages"),
     (

@@ -12,7 +12,6 @@ incomplete gamma (scipy is not a dependency), itself checked against table value
 from __future__ import annotations
 
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from checkpoints import (
     BOS_ID,
     EOS_ID,
+    perturbed_copy,
     randomize_weights,
     train_tokenizer,
     write_generation_config,
@@ -253,25 +253,6 @@ def build_small_model(folder: Path, seed: int, vocab_extra: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     write_tokenizer(tokenizer, folder)
     write_generation_config(folder)
-    return folder
-
-
-def perturbed_copy(source: Path, folder: Path, scale: float, seed: int) -> Path:
-    """The source model with every weight jittered by scale * its std: a draft that agrees with
-    the target often but not always, like a real one."""
-    from safetensors.numpy import load_file, save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for path in source.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copy(path, folder / path.name)
-            continue
-        weights = load_file(path)
-        for name, w in weights.items():
-            noise = rng.standard_normal(w.shape) * scale * float(w.std())
-            weights[name] = (w + noise).astype(w.dtype)
-        save_file(weights, folder / path.name, metadata={"format": "pt"})
     return folder
 
 

@@ -16,11 +16,11 @@ from checkpoints import prompt_ids
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.backends.cuda import CUDABackend
-from nanovllm.engine.constraints import AllowedTokens
 from nanovllm.engine.detokenizer import IncrementalDetokenizer, StopStrings
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import load_model
 from nanovllm.sampling_params import MAX_STOP_STRINGS, RequestOutputKind
+from nanovllm.structured.token_filters import AllowedTokens
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

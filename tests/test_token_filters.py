@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from _structured_fixtures import MODELS, compiler
 
+from nanovllm.engine.logits_processors import apply_logit_bias
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.bitmask import allocate_bitmask, allowed_tokens, apply_token_bitmask
 from nanovllm.structured.params import StructuredOutputsParams
@@ -15,7 +16,6 @@ from nanovllm.structured.token_filters import (
     AllOf,
     AllowedTokens,
     BadWords,
-    apply_logit_bias,
     combine,
     tokenize_bad_words,
 )
@@ -73,13 +73,13 @@ def test_logit_bias_adds_to_the_named_tokens_of_each_row_only() -> None:
     expected[0, 2] += 5.0
     expected[0, 7] -= 100.0
     expected[2, 2] += 1.5
-    apply_logit_bias(logits, [0, 2], [{2: 5.0, 7: -100.0}, {2: 1.5}])
+    apply_logit_bias(np, logits, [0, 2], [{2: 5.0, 7: -100.0}, {2: 1.5}])
     assert np.array_equal(logits, expected)
 
 
 def test_logit_bias_of_100_makes_the_token_the_greedy_choice() -> None:
     logits = np.random.default_rng(0).standard_normal((2, 1000)).astype(np.float32) * 5
-    apply_logit_bias(logits, [1], [{321: 100.0}])
+    apply_logit_bias(np, logits, [1], [{321: 100.0}])
     assert logits[1].argmax() == 321 and logits[0].argmax() != 321
 
 

@@ -25,7 +25,7 @@ from _server_fixtures import REQUEST_TIMEOUT_S, free_port, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm.engine.spec_decode import SpecStats
-from nanovllm.engine.stats import EngineStats
+from nanovllm.engine.stats import EngineStats, MaskStats
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.tui.app import TopApp
 from nanovllm.tui.client import METRICS_PATH, STATE_PATH, Client, http_get
@@ -366,6 +366,7 @@ def canned_metrics(spec: SpecStats | None) -> bytes:
         num_running=1, num_waiting=0, num_blocks=8, num_free_blocks=6, num_cached_free_blocks=1,
         num_preemptions=2, prefix_cache_queries=40, prefix_cache_hits=10, prompt_tokens=100,
         generation_tokens=50, num_finished_requests=4, num_steps=60, spec=spec,
+        num_constrained_requests=3, masks=MaskStats(num_seqs=40, num_rows=50, seconds=0.02),
     )  # fmt: skip
     metrics = ServerMetrics("m", lambda: [stats])
     for ttft in (0.03, 0.03, 0.07, 0.2):
@@ -438,7 +439,8 @@ async def test_counters_panel_shows_cache_preemptions_and_speculation(spec, show
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.poll_count == 1)
         assert text_of(app, "#counters") == (
-            "finished 0  preemptions 2\nprefix-cache hit rate 25.0%\n" + shown
+            "finished 0  preemptions 2\nprefix-cache hit rate 25.0%\n"
+            "structured 3 reqs  masks 0.400 ms/row (50 rows)\n" + shown
         )
         # TTFT 0.03, 0.03, 0.07, 0.2 s: p50 in (0.02, 0.04], p90 and p99 in (0.1, 0.25].
         assert "TTFT all    40.0ms  190.0ms  244.0ms      4" in text_of(app, "#latency")
@@ -460,7 +462,8 @@ def test_parse_metrics_reads_vllm_names_and_spec_counters():
     assert (sample.running, sample.waiting, sample.kv_cache_usage) == (1, 0, 0.25)
     assert (sample.prompt_tokens, sample.generation_tokens, sample.preemptions) == (100, 50, 2)
     assert (sample.prefix_cache_queries, sample.prefix_cache_hits) == (40, 10)
-    assert sample.finished == {"stop": 0, "length": 0, "abort": 0}
+    assert sample.finished == {"stop": 0, "length": 0, "abort": 0, "error": 0}
+    assert (sample.constrained_requests, sample.mask_rows, sample.mask_seconds) == (3, 50, 0.02)
     assert sample.ttft.count == 4 and sample.tpot.count == 0
     assert (sample.spec.num_drafts, sample.spec.num_draft_tokens, sample.spec.num_accepted_tokens) == (4, 12, 7)  # fmt: skip
     assert sample.spec.accepted_per_pos == [4, 2, 1]

@@ -65,6 +65,10 @@ class MetricsSample:
     tpot: Histogram | None = None
     spec: SpecSample | None = None  # None unless the server speculates
     model_name: str | None = None  # the model_name label, when the server sets one
+    # Structured outputs (nanovllm's own counters; a vLLM server has none).
+    constrained_requests: float = 0.0
+    mask_seconds: float = 0.0
+    mask_rows: float = 0.0
 
 
 _SCALARS = {
@@ -75,6 +79,9 @@ _SCALARS = {
     "vllm:num_preemptions_total": "preemptions",
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "nanovllm:structured_output_requests_total": "constrained_requests",
+    "nanovllm:structured_output_mask_seconds_total": "mask_seconds",
+    "nanovllm:structured_output_mask_rows_total": "mask_rows",
 }
 # Per figure, the names vLLM versions used for it, preferred first: vLLM 0.9 renamed
 # gpu_cache_usage_perc (kept as a deprecated alias until 0.11), and per-token latency moved
@@ -292,6 +299,7 @@ class Figures:
     tpot_all: Percentiles | None
     prefix_cache_hit_rate: float | None  # since the server started
     spec: SpecFigures | None
+    mask_ms_per_row: float | None = None  # host time per masked row, since the server started
 
     @property
     def num_finished(self) -> float:
@@ -343,6 +351,7 @@ class Tracker:
             tpot_all=_window(metrics.tpot, None),
             prefix_cache_hit_rate=_ratio(metrics.prefix_cache_hits, metrics.prefix_cache_queries),
             spec=_spec_figures(metrics.spec),
+            mask_ms_per_row=_ratio(1000 * metrics.mask_seconds, metrics.mask_rows),
         )
 
     def _recent_base(self, t: float) -> MetricsSample:

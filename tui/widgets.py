@@ -189,8 +189,20 @@ def counters_text(figures: Figures) -> Text:
     text.append(f" ({reasons})" if reasons else "", style="dim")
     text.append(f"  preemptions {format_count(metrics.preemptions)}\n")
     text.append(f"prefix-cache hit rate {format_percent(figures.prefix_cache_hit_rate)}\n")
+    text.append_text(structured_text(figures))
     text.append_text(spec_text(figures))
     return text
+
+
+def structured_text(figures: Figures) -> Text:
+    """Constrained requests and the host time their token masks cost, per masked row."""
+    metrics = figures.metrics
+    per_row = figures.mask_ms_per_row
+    cost = "-" if per_row is None else f"{per_row:.3f} ms/row"
+    return Text(
+        f"structured {format_count(metrics.constrained_requests)} reqs  masks {cost} "
+        f"({format_count(metrics.mask_rows)} rows)\n"
+    )
 
 
 def spec_text(figures: Figures) -> Text:
@@ -296,8 +308,9 @@ HELP = f"""\
       interpolation, as Prometheus' histogram_quantile):
       "1m" = requests finished in the last {RECENT_S:g} s (or since the
       dashboard started), "all" = since the server started
-  prefix-cache hit rate, preemptions, speculation: since the server started;
-      mean acceptance length = 1 + accepted / drafts
+  prefix-cache hit rate, preemptions, speculation, structured outputs: since
+      the server started; mean acceptance length = 1 + accepted / drafts;
+      masks = host time computing token masks per masked logits row
 
 [b]KV blocks[/b]  █ used  ▓ shared by several sequences
   ▒ free but holding a cached prefix  · free

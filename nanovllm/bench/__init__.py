@@ -1,5 +1,5 @@
 """`nanovllm bench`: throughput (offline), overhead (the engine around a model that costs
-nothing) and serve (latency of a running server)."""
+nothing), serve (latency of a running server) and structured (what token masks cost a batch)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 def add_bench_parser(sub) -> None:
     from nanovllm.bench.overhead import add_overhead_parser
     from nanovllm.bench.serve import add_serve_bench_parser
+    from nanovllm.bench.structured import add_structured_parser
     from nanovllm.bench.throughput import add_throughput_parser
 
     bench = sub.add_parser("bench", help="measure the engine")
@@ -14,3 +15,4 @@ def add_bench_parser(sub) -> None:
     add_throughput_parser(kinds)
     add_overhead_parser(kinds)
     add_serve_bench_parser(kinds)
+    add_structured_parser(kinds)

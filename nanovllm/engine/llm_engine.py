@@ -3,6 +3,7 @@
 One engine is single-threaded: the offline `LLM` calls `step()` in a loop, the server calls it
 from one background thread. A step is the step contract (nanovllm/engine/step.py):
 
+    structured.resolve()            # sequences whose grammar compiled may now be scheduled
     scheduled = scheduler.schedule()
     result = runner.execute(scheduled)
     touched = processor.process(scheduled, result)
@@ -25,6 +26,7 @@ from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Request, Sequence, sequence_generator
 from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats, SequenceView
+from nanovllm.engine.structured_outputs import StructuredOutputs
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -48,6 +50,7 @@ class LLMEngine:
         scheduler: Scheduler,
         runner: ModelRunner,
         processor: OutputProcessor,
+        structured: StructuredOutputs | None = None,
     ) -> None:
         self.config = config
         self.model_config = info.model_config
@@ -59,6 +62,10 @@ class LLMEngine:
         self.block_manager: BlockManager = scheduler.block_manager
         self.runner = runner
         self.processor = processor
+        self.structured = structured or StructuredOutputs(
+            info.tokenizer, info.model_config.vocab_size, info.eos_token_ids,
+            getattr(config, "reasoning_parser", None),
+        )  # fmt: skip
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0
@@ -83,7 +90,9 @@ class LLMEngine:
             raise ValueError("prompt_logprobs is not supported with --tensor-parallel-size > 1")
         text, token_ids = self._tokenize(prompt, add_special_tokens)
         params = self._check_lengths(token_ids, params)
+        params.validate_token_ids(self.model_config.vocab_size)
         request = Request(request_id, text, token_ids, params)
+        self.structured.prepare(request)
         self._spawn(request)
         self.requests[request_id] = request
         return request
@@ -131,6 +140,7 @@ class LLMEngine:
         generator = sequence_generator(params.seed, index)
         seq = Sequence(next(self._seq_ids), request, index, token_ids, params, generator)
         self.processor.add_sequence(seq)
+        self.structured.attach(seq)
         request.seqs.append(seq)
         if index == 0:
             self.scheduler.add(seq)
@@ -153,9 +163,12 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._resolve_grammars()
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
+            if not failed:
+                self.structured.wait()  # only grammars still compiling: wait, do not spin
+            return [self.processor.output(request) for request in failed]
         self._num_steps += 1
         result = self.runner.execute(scheduled)
         touched = self.processor.process(scheduled, result, time.monotonic())
@@ -166,7 +179,21 @@ class LLMEngine:
             if request.params.n > 1:  # its samples follow the first, whose prompt is cached now
                 for _ in range(len(request.seqs), request.params.n):
                     self._spawn(request)
-        return [self.processor.output(request) for request in touched]
+        return [self.processor.output(request) for request in failed + touched]
+
+    def _resolve_grammars(self) -> list[Request]:
+        """Sequences whose grammar compiled join the queue; a grammar that failed to compile
+        ends its request with finish_reason "error". The requests that failed."""
+        failed: list[Request] = []
+        for seq, error in self.structured.resolve():
+            self.scheduler.finish(seq)
+            self.processor.fail(seq, error, time.monotonic())
+            if seq.request not in failed:
+                failed.append(seq.request)
+        for request in failed:
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+        return failed
 
     # ---- stats -----------------------------------------------------------------------------
     @property
@@ -194,6 +221,8 @@ class LLMEngine:
             num_finished_requests=counters.finished_requests,
             num_steps=self._num_steps,
             spec=None if spec is None else spec.snapshot(),
+            num_constrained_requests=self.structured.num_constrained_requests,
+            masks=self.runner.mask_stats.snapshot(),
         )
 
     def snapshot(self) -> EngineSnapshot:

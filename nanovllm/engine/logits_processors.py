@@ -1,6 +1,10 @@
 """Per-row edits of a step's logits before sampling, in vLLM V1's order: the min_tokens mask
-(stop ids and EOS), the repetition penalty, then frequency and presence penalties. They change
-the argmax, so they apply to greedy rows too. `xp` is the array module of the logits.
+(stop ids and EOS), logit_bias, the repetition penalty, then frequency and presence penalties.
+They change the argmax, so they apply to greedy rows too. `xp` is the array module of the logits.
+
+Token masks (a grammar, allowed_token_ids, bad_words) were applied before, by the model runner.
+The min_tokens mask never empties a row: where a mask left only stop tokens (a grammar that
+allows nothing but EOS), the grammar wins and the row keeps them.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ class SamplingRow:
 def penalized(xp, logits, rows: list[SamplingRow]):
     """float32 logits after min_tokens masking and penalties; a copy only if a row needs one."""
     masked = [i for i, row in enumerate(rows) if _below_min_tokens(row)]
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
     repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     counted = [i for i, row in enumerate(rows) if _has_count_penalty(row.params)]
-    if not (masked or repeated or counted):
+    if not (masked or biased or repeated or counted):
         return xp.asarray(logits, dtype=xp.float32)
     x = xp.array(logits, dtype=xp.float32)  # never write into the caller's logits
     if masked:
         _mask_stop_tokens(xp, x, rows, masked)
+    if biased:
+        apply_logit_bias(xp, x, biased, [rows[i].params.logit_bias for i in biased])
     if repeated:
         _apply_repetition_penalty(xp, x, rows, repeated)
     if counted:
@@ -50,9 +57,32 @@ def _mask_stop_tokens(xp, x, rows: list[SamplingRow], masked: list[int]) -> None
         for t in {*rows[i].params.stop_token_ids, *rows[i].eos_token_ids}
         if t < vocab  # an id outside the vocabulary can never be sampled anyway
     ]
-    if pairs:
-        row_idx, token_idx = np.array(pairs, dtype=np.int64).T
-        x[xp.asarray(row_idx), xp.asarray(token_idx)] = -np.inf
+    if not pairs:
+        return
+    row_idx, token_idx = np.array(pairs, dtype=np.int64).T
+    index = (xp.asarray(row_idx), xp.asarray(token_idx))
+    kept = x[index]
+    x[index] = -np.inf
+    # A row that a token mask (a grammar that allows only EOS) had narrowed to stop tokens would
+    # now allow nothing: the mask wins there, and the row keeps them.
+    rows = np.unique(row_idx)
+    alive = np.asarray(_to_host((x[xp.asarray(rows)] > -np.inf).any(axis=1)))
+    emptied = np.isin(row_idx, rows[~alive])
+    if emptied.any():
+        restore = xp.asarray(np.flatnonzero(emptied))
+        x[index[0][restore], index[1][restore]] = kept[restore]
+
+
+def apply_logit_bias(xp, x, row_ids: Sequence[int], biases: Sequence[dict[int, float]]):
+    """Add each listed row's bias (token id -> value, OpenAI's logit_bias) to x, in place."""
+    flat_rows, cols, values = [], [], []
+    for row, bias in zip(row_ids, biases, strict=True):
+        flat_rows.extend([row] * len(bias))
+        cols.extend(bias)
+        values.extend(bias.values())
+    # (row, token) pairs are distinct, so a fancy-indexed += adds each bias exactly once.
+    x[xp.asarray(flat_rows), xp.asarray(cols)] += xp.asarray(values, dtype=x.dtype)
+    return x
 
 
 def _apply_repetition_penalty(xp, x, rows: list[SamplingRow], repeated: list[int]) -> None:
@@ -82,6 +112,10 @@ def _flat_index(xp, x, row_ids: list[int], tokens: list[Sequence[int]]):
     token_ids = [np.asarray(seq, dtype=np.int64) for seq in tokens]
     row_of = np.repeat(np.asarray(row_ids, dtype=np.int64), [len(t) for t in token_ids])
     return xp.asarray(row_of * x.shape[1] + np.concatenate(token_ids))
+
+
+def _to_host(array) -> np.ndarray:
+    return array.get() if hasattr(array, "get") else array
 
 
 def column(xp, rows: list[SamplingRow], name: str):

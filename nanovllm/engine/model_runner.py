@@ -7,17 +7,20 @@ sequence goes through the sampler's one `verify`.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata, Backend
 from nanovllm.engine.batch import ForwardItem, StepInputs, forward_item, prepare, sampling_row
-from nanovllm.engine.constraints import bitmask_words
 from nanovllm.engine.cuda_graphs import DecodeGraphRunner
 from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.engine.prompt_logprobs import prompt_logprobs
 from nanovllm.engine.sampler import SampledTokens, Sampler, VerifyGroup
 from nanovllm.engine.spec_decode import Proposer, SpecStats, roll_back_draft
+from nanovllm.engine.stats import MaskStats
 from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
+from nanovllm.structured.bitmask import ALL_ALLOWED, bitmask_words
 
 KVCache = tuple[object, object]
 
@@ -52,6 +55,7 @@ class ModelRunner:
         self.proposer = proposer
         self.spec_stats = SpecStats(num_speculative_tokens) if proposer is not None else None
         self.decode_graphs: DecodeGraphRunner | None = None
+        self.mask_stats = MaskStats()
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Run decode-only steps padded to batch-size buckets: CUDA graphs on a GPU, the same
@@ -109,20 +113,29 @@ class ModelRunner:
         return VerifyGroup(rows, guesses, item.proposal.probs)
 
     def _apply_constraints(self, items: list[ForwardItem], logits) -> None:
-        """Mask each constrained sequence's rows (all k + 1 when verifying) before sampling."""
-        rows, masks, start = [], [], 0
-        words = bitmask_words(logits.shape[1])
+        """Mask each constrained sequence's rows (all k + 1 when verifying) before sampling: the
+        step's masks in one batched fill, applied where the logits live."""
+        rows, jobs, start = [], [], 0
         for item in items:
-            constraint = item.seq.constraint
-            if constraint is not None:
+            if item.seq.constraint is not None:
                 guesses = item.proposal.token_ids if item.proposal is not None else []
-                mask = np.empty((item.num_logits, words), dtype=np.int32)
-                constraint.fill_bitmask(guesses, mask)
+                jobs.append((item.seq.constraint, guesses))
                 rows.extend(range(start, start + item.num_logits))
-                masks.append(mask)
             start += item.num_logits
-        if rows:
-            self.backend.apply_token_bitmask(logits, np.concatenate(masks), np.asarray(rows))
+        if not rows:
+            return
+        from nanovllm.structured.constraint import fill_bitmasks  # loads llguidance
+
+        started = time.perf_counter()
+        masks = np.empty((len(rows), bitmask_words(logits.shape[1])), dtype=np.int32)
+        fill_bitmasks(jobs, masks)
+        # A row that allows nothing (allowed_token_ids outside the grammar) would be all -inf:
+        # allow everything there; the constraint then refuses the token and the request ends.
+        masks[~masks.any(axis=1)] = ALL_ALLOWED
+        filled = time.perf_counter()
+        self.backend.apply_token_bitmask(logits, masks, np.asarray(rows))
+        applied = time.perf_counter()
+        self.mask_stats.record(len(jobs), len(rows), filled - started, applied - filled)
 
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):

@@ -90,6 +90,9 @@ class OutputProcessor:
             self._append(seq, token, logprobs)
             if seq.finish_reason is not None:
                 break
+        self._settle(seq, now)
+
+    def _settle(self, seq: Sequence, now: float) -> None:
         if seq.params.output_kind is not RequestOutputKind.FINAL_ONLY:  # else nobody reads it
             seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
         request = seq.request
@@ -99,13 +102,28 @@ class OutputProcessor:
             self.finished.append(request)
 
     def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        if seq.constraint is not None and not seq.constraint.accept(token):
+            # Only a mask that allowed nothing lets this happen (e.g. allowed_token_ids outside
+            # the grammar): the output so far stays valid, and the request says why it ended.
+            self._fail_now(seq, f"token {token} is not allowed by the request's constraints "
+                           "(structured output, allowed_token_ids, bad_words): they leave no "
+                           f"token allowed after {seq.num_output_tokens} output tokens")  # fmt: skip
+            return
         seq.token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         self.counters.generation_tokens += 1
-        if seq.constraint is not None:
-            seq.constraint.accept(token)
         self._check_stop(seq, token)
+
+    def fail(self, seq: Sequence, error: str, now: float) -> None:
+        """End a sequence that cannot go on (its grammar did not compile) with an error."""
+        seq.delta_step, seq.delta_start = self.step_index, seq.num_output_tokens
+        self._fail_now(seq, error)
+        self._settle(seq, now)
+
+    def _fail_now(self, seq: Sequence, error: str) -> None:
+        seq.error = error
+        self._finish(seq, "error")
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params, num_out = seq.params, seq.num_output_tokens
@@ -204,6 +222,7 @@ class OutputProcessor:
             delta_text=delta_text,
             delta_token_ids=delta_ids,
             delta_logprobs=delta_logprobs,
+            error=seq.error,
         )
 
 

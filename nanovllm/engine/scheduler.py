@@ -2,11 +2,12 @@
 
 Every step packs a mixed batch under a token budget: running sequences first, oldest first
 (a decode needs one token, plus up to k speculative slots; an unfinished prefill takes the next
-chunk), then waiting sequences first come first served while blocks and `max_num_seqs` allow.
-When blocks run out, the newest running sequence is preempted by recomputation: its blocks are
-freed and it goes back to the front of the queue (the prefix cache usually gives most of them
-back). `schedule()` returns the step's record; `update()` takes the runner's result back: the
-KV now computed, blocks cached, rejected speculative slots trimmed, finished sequences freed.
+chunk), then waiting sequences first come first served while blocks and `max_num_seqs` allow
+(one whose grammar is still compiling is passed by and keeps its place). When blocks run out,
+the newest running sequence is preempted by recomputation: its blocks are freed and it goes
+back to the front of the queue (the prefix cache usually gives most of them back).
+`schedule()` returns the step's record; `update()` takes the runner's result back: the KV now
+computed, blocks cached, rejected speculative slots trimmed, finished sequences freed.
 """
 
 from __future__ import annotations
@@ -106,28 +107,43 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, step: SchedulerOutput, budget: int) -> None:
-        manager = self.block_manager
+        # Sequences whose grammar is still compiling are passed by and keep their places, so
+        # the queue behind them stays first come first served (vLLM's WAITING_FOR_FSM).
+        passed: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # A prompt that must be scored skips the prefix cache, as in vLLM V1: a cached
-            # block's positions would be computed by nobody, so they would have no logprobs.
-            scored = seq.wants_prompt_logprobs
-            hits = [] if scored else manager.match_prefix(seq)
-            num_cached = len(hits) * manager.block_size
-            num_tokens = min(seq.num_tokens - num_cached, budget)
-            if not manager.can_allocate(seq, num_cached + num_tokens, hits):
+            if seq.awaiting_grammar:
+                passed.append(self.waiting.popleft())
+                continue
+            num_tokens = self._admit(seq, budget)
+            if num_tokens is None:
                 break
-            if not scored:
-                manager.record_query(seq.num_tokens, num_cached)
-            manager.allocate(seq, num_cached + num_tokens, hits)
-            seq.num_computed_tokens = num_cached
-            seq.status = SequenceStatus.RUNNING
-            if seq.request.scheduled_time is None:  # its queue time ends here
-                seq.request.scheduled_time = time.monotonic()
             self.waiting.popleft()
-            self.running.append(seq)
             step.add(seq, num_tokens)
             budget -= num_tokens
+        self.waiting.extendleft(reversed(passed))
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Move seq to running with blocks for its first chunk: that chunk's size, or None if
+        the blocks are not there."""
+        manager = self.block_manager
+        # A prompt that must be scored skips the prefix cache, as in vLLM V1: a cached
+        # block's positions would be computed by nobody, so they would have no logprobs.
+        scored = seq.wants_prompt_logprobs
+        hits = [] if scored else manager.match_prefix(seq)
+        num_cached = len(hits) * manager.block_size
+        num_tokens = min(seq.num_tokens - num_cached, budget)
+        if not manager.can_allocate(seq, num_cached + num_tokens, hits):
+            return None
+        if not scored:
+            manager.record_query(seq.num_tokens, num_cached)
+        manager.allocate(seq, num_cached + num_tokens, hits)
+        seq.num_computed_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        if seq.request.scheduled_time is None:  # its queue time ends here
+            seq.request.scheduled_time = time.monotonic()
+        self.running.append(seq)
+        return num_tokens
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

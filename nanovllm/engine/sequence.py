@@ -36,6 +36,8 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)
     detokenizer: Any = None  # set by the output processor
     constraint: Any = None  # a TokenConstraint on its next tokens (structured outputs), or None
+    awaiting_grammar: bool = False  # its grammar is still compiling: the scheduler passes it by
+    error: str | None = None  # why it ended with finish_reason "error"
     first_token_time: float | None = None
     last_token_time: float | None = None
     draft_computed: int = 0  # tokens whose KV the draft model holds (speculative decoding)
@@ -102,6 +104,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     finish_time: float | None = None
+    constraints: Any = None  # RequestConstraints: what each sample's TokenConstraint is built from
     scheduled_time: float | None = None  # when it first left the waiting queue
     # TokenLogprobs of prompt tokens 1, 2, ... (the first token has none), with
     # params.prompt_logprobs; filled by the prefill's steps.
@@ -113,7 +116,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        """Every sample has a finish reason (set as soon as a stop rule fires or on abort)."""
-        return len(self.seqs) == self.params.n and all(
-            seq.finish_reason is not None for seq in self.seqs
-        )
+        """Every sample has a finish reason (set as soon as a stop rule fires or on abort); a
+        sample that failed ends the request without the samples not yet spawned."""
+        spawned = len(self.seqs) == self.params.n or any(s.error is not None for s in self.seqs)
+        return spawned and all(seq.finish_reason is not None for seq in self.seqs)

@@ -24,6 +24,7 @@ from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.sampling_params import RequestOutputKind
 from nanovllm.server.access_log import AccessLog
 from nanovllm.server.admission import Admission
+from nanovllm.server.chat_outputs import ChatParsing
 from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
 from nanovllm.server.limits import PromptLimit
@@ -139,7 +140,9 @@ class Routes:
         on_close = req.env.get("nanovllm.on_close")
         if on_close is not None:  # only under our waitress server (connections.py)
             on_close(lambda: state.engine.client_gone(sub))
-        builder = ResponseBuilder(request, state.tokenizer, state.protocol.model_name)
+        builder = ResponseBuilder(
+            request, state.tokenizer, state.protocol.model_name, chat_parsing(request, state)
+        )
         req.context.response_id = builder.id
         if request.stream:
             self._stream(req, resp, sub, builder, request.include_usage)
@@ -248,12 +251,26 @@ class Routes:
         resp.media = {"prompt": state.tokenizer.decode(tokens)}
 
 
+def chat_parsing(request: GenerateRequest, state: ServerState) -> ChatParsing:
+    """How the request's chat choices are read back (reasoning, tool calls)."""
+    protocol = state.protocol
+    return ChatParsing(
+        reasoning=protocol.reasoning_parser,
+        tool_parser=protocol.tool_parser,
+        tools=request.tools,
+        template_kwargs=request.chat_template_kwargs,
+    )
+
+
 def _refused_field(message: str, request: GenerateRequest) -> str | None:
     """The field an engine refusal is about: the engine names it only in its message."""
     if message.startswith("prompt"):  # too long, or a token id outside the vocabulary
         return request.prompt_field
     if "to generate" in message:  # max_tokens beyond the room the prompt leaves
         return request.max_tokens_field
+    for name in ("logit_bias", "allowed_token_ids", "stop_token_ids", "bad_words"):
+        if message.startswith(name):  # a token id outside the model's vocabulary
+            return name
     return None
 
 

@@ -115,6 +115,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="times Ray restarts a replica that died (its requests in flight end with an error)",
     )
+    add_structured_args(parser)
+
+
+def add_structured_args(parser: argparse.ArgumentParser) -> None:
+    from nanovllm.structured.reasoning import REASONING_PARSERS
+    from nanovllm.structured.tool_parsers import TOOL_PARSERS
+
+    g = parser.add_argument_group("tool calling and reasoning")
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        help="how the model writes tool calls: hermes (Qwen2.5, Qwen3, Hermes), llama3_json",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        help="split <think>...</think> into the message's `reasoning`; a grammar then applies "
+        "only after it",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -124,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Every check that needs no model runs before the model loads: flags, then the port.
     config = engine_config(args)
     config.served_model_name = args.served_model_name
+    config.reasoning_parser = args.reasoning_parser
     server = server_config(args)
     SamplingParams(**sampling_overrides(args))  # the sampling flags' ranges
     check_port(server.host, server.port)
@@ -164,6 +189,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, flag)
         _require(value > 0, f"--{flag.replace('_', '-')} must be > 0, got {value}")
     _require(args.api_key != "", "--api-key must not be empty")
+    _require(
+        not args.enable_auto_tool_choice or args.tool_call_parser is not None,
+        "--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)",
+    )
     _require(args.data_parallel_size >= 1, f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")  # fmt: skip
     _require(args.max_replica_restarts >= 0, f"--max-replica-restarts must be >= 0, got {args.max_replica_restarts}")  # fmt: skip
     _require(args.ray_address != "", "--ray-address must not be empty")
@@ -178,6 +207,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         receive_timeout=args.receive_timeout,
         send_timeout=args.send_timeout,
         keep_alive_timeout=args.keep_alive_timeout,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         access_log=not args.disable_access_log,
         tokenizer_info=args.enable_tokenizer_info_endpoint,
         data_parallel_size=args.data_parallel_size,

@@ -36,7 +36,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 N_BUCKETS = (1, 2, 5, 10, 20)
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 # (name, help) of the request-phase histograms, all with E2E_BUCKETS; the phase is the
 # RequestMetrics property of the same name.
 _PHASES = (
@@ -212,6 +212,16 @@ def _engine_rows(stats: EngineStats) -> list[tuple[type, str, str, float]]:
         (c, "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens),
         (c, "vllm:generation_tokens", "Number of generation tokens processed.",
          stats.generation_tokens),
+        # Structured outputs (no vLLM metric says this): constrained requests, and the host
+        # time spent computing their token masks (grammar, allowed_token_ids, bad_words).
+        (c, "nanovllm:structured_output_requests",
+         "Requests with a token constraint (grammar, allowed_token_ids or bad_words).",
+         stats.num_constrained_requests),
+        (c, "nanovllm:structured_output_mask_seconds",
+         "Seconds spent computing token masks on the host.", stats.masks.seconds),
+        (c, "nanovllm:structured_output_mask_rows",
+         "Logits rows masked (one per constrained sequence per step, k + 1 when verifying).",
+         stats.masks.num_rows),
     ]  # fmt: skip
 
 

@@ -13,6 +13,8 @@ import uuid
 from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from nanovllm.server.chat_outputs import ChatParsing, ChoiceStream
+from nanovllm.server.errors import APIError
 from nanovllm.server.protocol import GenerateRequest
 
 # JSON has no -Infinity; vLLM clamps impossible tokens' logprobs to this.
@@ -20,11 +22,20 @@ _MIN_LOGPROB = -9999.0
 
 
 class ResponseBuilder:
-    def __init__(self, request: GenerateRequest, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(
+        self,
+        request: GenerateRequest,
+        tokenizer: Tokenizer,
+        model_name: str,
+        parsing: ChatParsing | None = None,
+    ) -> None:
         self.request = request
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.chat = request.endpoint == "chat"
+        # Reasoning and tool-call parsing of chat choices (chat_outputs.py), when in play.
+        self.parsing = parsing if self.chat and parsing is not None and parsing.active else None
+        self.streams: dict[int, ChoiceStream] = {}  # choice -> its parsers' stream state
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.prompt_tokens: dict[int, int] = {}  # prompt index -> its length in tokens
@@ -52,12 +63,17 @@ class ResponseBuilder:
 
     def _choice(self, prompt_index: int, output: RequestOutput, choice: CompletionOutput) -> dict:
         index = self._index(prompt_index, choice)
+        _check_error(choice)
         if self.chat:
+            message = {"role": "assistant", "content": choice.text}
+            reason = choice.finish_reason
+            if self.parsing is not None:
+                message, reason = self.parsing.message(choice.text, reason)
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": choice.text},
+                "message": message,
                 "logprobs": self._chat_logprobs(choice.logprobs),
-                "finish_reason": choice.finish_reason,
+                "finish_reason": reason,
                 "stop_reason": choice.stop_reason,
             }
         prefix = self._echo(output)
@@ -102,11 +118,13 @@ class ResponseBuilder:
             index = self._index(prompt_index, choice)
             if index in self.finished:
                 continue
+            _check_error(choice)
+            delta = self._delta_choice(prompt_index, index, output, choice)
             if choice.finished:
                 self.finished.add(index)
-            elif not choice.delta_text and not choice.delta_logprobs:
-                continue  # nothing to show yet (held back for UTF-8 or a possible stop string)
-            chunks.append(self._chunk([self._delta_choice(prompt_index, index, output, choice)]))
+            elif delta is None:
+                continue  # nothing to show yet (held back for UTF-8, a stop string, a parser)
+            chunks.append(self._chunk([delta]))
         return chunks
 
     def usage_chunk(self) -> dict:
@@ -114,16 +132,25 @@ class ResponseBuilder:
 
     def _delta_choice(
         self, prompt_index: int, index: int, output: RequestOutput, choice: CompletionOutput
-    ) -> dict:
+    ) -> dict | None:
+        """The choice's part of a chunk; None while it has nothing to show."""
         reason = choice.finish_reason
+        quiet = not choice.finished and not choice.delta_logprobs
         if self.chat:
+            delta: dict = {"content": choice.delta_text}
+            if self.parsing is not None:
+                delta, reason = self._parsed_delta(index, choice)
+            if quiet and not any(delta.values()):
+                return None
             return {
                 "index": index,
-                "delta": {"content": choice.delta_text},
+                "delta": delta,
                 "logprobs": self._chat_logprobs(choice.delta_logprobs),
                 "finish_reason": reason,
                 "stop_reason": choice.stop_reason,
             }
+        if quiet and not choice.delta_text:
+            return None
         first = index not in self.offsets
         prefix = self._echo(output) if first else ""
         entries, start = choice.delta_logprobs, len(prefix)
@@ -136,6 +163,16 @@ class ResponseBuilder:
             "finish_reason": reason,
             "stop_reason": choice.stop_reason,
         }
+
+    def _parsed_delta(self, index: int, choice: CompletionOutput) -> tuple[dict, str | None]:
+        stream = self.streams.get(index)
+        if stream is None:
+            stream = self.streams[index] = self.parsing.streamer()
+        delta = stream.feed(choice.delta_text)
+        if choice.finished:
+            for key, value in stream.finish().items():
+                delta[key] = delta[key] + value if key in delta else value
+        return delta, stream.finish_reason(choice.finish_reason)
 
     def _count(self, prompt_index: int, output: RequestOutput, delta: bool = False) -> None:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
@@ -227,6 +264,13 @@ class ResponseBuilder:
     def _token_text(self, token_id: int) -> str:
         # Part of a multi-byte character decodes to U+FFFD, as in vLLM.
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _check_error(choice: CompletionOutput) -> None:
+    """A choice the engine ended with an error (its constraints left no token, its grammar did
+    not compile) fails the request: 400, or a last error event in a stream."""
+    if choice.finish_reason == "error":
+        raise APIError(400, choice.error or "generation failed", code="generation_error")
 
 
 def _token_logprobs(token_id: int, entry: dict[int, Logprob], k: int) -> TokenLogprobs:

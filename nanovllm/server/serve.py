@@ -62,6 +62,9 @@ class ServerConfig:
     data_parallel_size: int = 1
     ray_address: str | None = None
     max_replica_restarts: int = 3
+    # Free-form tool calls (tool_choice "auto"): vLLM's two flags.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     @property
     def distributed(self) -> bool:
@@ -109,13 +112,21 @@ def build_state(
     config: ServerConfig,
     sampling_overrides: dict,
     model_name: str,
+    reasoning_parser: str | None = None,
 ) -> ServerState:
     """Wire validation, admission and the routes' shared state around a started engine client."""
     facts = client.facts
     tokenizer = facts.tokenizer
+    # One engine in this process compiles a request's grammar in the request's thread (a bad
+    # one is a 400 before it is queued); replicas on Ray find it themselves (the same 400).
+    engine = getattr(client, "engine", None)
+    check_constraint = engine.structured.validate if isinstance(engine, LLMEngine) else None
 
-    def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    def render_chat(messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        # kwargs: `tools` and the request's chat_template_kwargs
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
 
     protocol = ProtocolContext(
         defaults=facts.default_params.clone(**sampling_overrides),
@@ -123,6 +134,9 @@ def build_state(
         accepted_names=frozenset({model_name, facts.model}),
         render_chat=render_chat,
         vocab_size=tokenizer.vocab_size,
+        tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None,
+        reasoning_parser=reasoning_parser,
+        check_constraint=check_constraint,
     )
     running = facts.max_num_seqs * facts.num_engines
     return ServerState(
@@ -162,7 +176,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides:
     open_files = process.raise_open_files_limit()
     client, metrics = start_engines(engine_config, config)
     try:
-        state = build_state(client, metrics, config, sampling_overrides, engine_config.name)
+        state = build_state(client, metrics, config, sampling_overrides, engine_config.name,
+                            engine_config.reasoning_parser)  # fmt: skip
         try:
             servers = _waitress_servers(state, config, process.connection_limit(open_files))
         except OSError as e:  # taken since the CLI's check (cli.check_port)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
-from nanovllm.server.errors import error_body
+from nanovllm.server.errors import APIError, error_body
 from nanovllm.server.responses import ResponseBuilder
 
 logger = logging.getLogger("nanovllm.server")
@@ -61,6 +61,8 @@ def stream_events(
         return  # nobody to tell
     except EngineFailure as e:
         yield sse(error_body(503, str(e), code=e.code))
+    except APIError as e:  # a choice ended with an error (responses.py)
+        yield sse(e.body())
     except Exception:
         logger.exception("internal error while streaming %s", builder.id)
         yield sse(error_body(500, "internal server error (see the server log)"))

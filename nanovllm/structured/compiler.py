@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -225,8 +226,13 @@ _WHAT = {
 
 
 def _describe(kind: str, error: str) -> str:
-    # llguidance's messages are precise but multi-line (the grammar line with a caret under it):
-    # keep the first line and the lines that say what is wrong.
+    # llguidance's messages are precise but multi-line (the grammar's lines with a caret under
+    # the place): keep the first line, the lines that say what is wrong, and the grammar line
+    # the error points at.
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
     detail = [line for line in lines[1:] if line.startswith("error:")]
+    where = re.match(r"(?:at )?(\d+)\(\d+\)", lines[0]) if lines else None
+    if where is not None:
+        shown = [line for line in lines[1:] if line.startswith(f"{where.group(1)} | ")]
+        detail += [f"(line {shown[0]})"] if shown else []
     return f"{_WHAT[kind]}: {' '.join(lines[:1] + detail)}"

@@ -1,4 +1,4 @@
-"""TokenConstraint: which tokens one sequence may take next; GrammarConstraint: an llguidance matcher.
+"""GrammarConstraint: a TokenConstraint (nanovllm/engine/constraints.py) backed by an llguidance matcher.
 
 The model runner asks a sequence's constraint for a bitmask row for every logits row it samples
 or verifies (the next token, and under speculative decoding one row after each draft token);
@@ -10,31 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Protocol
 
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
+from nanovllm.engine.constraints import TokenConstraint
 from nanovllm.structured.bitmask import ALL_ALLOWED, bitmask_words
-
-
-class TokenConstraint(Protocol):
-    """Which tokens one sequence may take next. The runner asks for every logits row it samples
-    or verifies; the output processor reports every token the sequence commits."""
-
-    def fill_bitmask(self, proposed: Sequence[int], out: np.ndarray) -> None:
-        """out: int32 [len(proposed) + 1, ceil(vocab_size / 32)]. Row i: the tokens allowed after
-        the committed tokens plus proposed[:i] (speculative drafts). Bit b of word w allows token
-        32*w + b (llguidance's layout). Rows after a proposed token the grammar refuses may hold
-        anything (verification rejects there). Leaves the constraint's state as it found it."""
-
-    def accept(self, token_id: int) -> bool:
-        """The sequence committed token_id; advance. False if it was not allowed."""
-
-    @property
-    def is_finished(self) -> bool:
-        """The grammar can take no more tokens: the sequence ends (finish_reason "stop")."""
+from nanovllm.structured.reasoning import ReasoningGate
 
 
 class GrammarConstraint:
@@ -109,12 +92,13 @@ def fill_bitmasks(
     for constraint, proposed in items:
         count = len(proposed) + 1
         rows = out[row : row + count]
-        if isinstance(constraint, GrammarConstraint) and constraint.matcher_words == out.shape[1]:
-            _check_rows(rows, count, constraint.words)
+        grammar = _grammar_of(constraint)
+        if grammar is not None and grammar.matcher_words == out.shape[1]:
+            _check_rows(rows, count, grammar.words)
             if proposed:
-                drafted.append((constraint.matcher, row, list(proposed)))
+                drafted.append((grammar.matcher, row, list(proposed)))
             else:
-                plain.append((constraint.matcher, row))
+                plain.append((grammar.matcher, row))
         else:
             constraint.fill_bitmask(proposed, rows)
         row += count
@@ -132,6 +116,14 @@ def fill_bitmasks(
             # so that no row is all -inf: verification discards those rows anyway.
             after = out[start + 1 : start + len(proposed) + 1]
             after[~after.any(axis=1)] = ALL_ALLOWED
+
+
+def _grammar_of(constraint: TokenConstraint) -> GrammarConstraint | None:
+    """The grammar that alone decides a constraint's rows (also behind a reasoning gate whose
+    reasoning has ended), so that it can join the batch; None for any other constraint."""
+    while isinstance(constraint, ReasoningGate) and constraint.ended:
+        constraint = constraint.inner
+    return constraint if isinstance(constraint, GrammarConstraint) else None
 
 
 @functools.cache

@@ -20,8 +20,8 @@ import numpy as np
 
 from nanovllm.structured.bitmask import ALL_ALLOWED
 
-if TYPE_CHECKING:  # constraint.py loads llguidance; these work with any TokenConstraint
-    from nanovllm.structured.constraint import TokenConstraint
+if TYPE_CHECKING:
+    from nanovllm.engine.constraints import TokenConstraint
 
 START, END = "<think>", "</think>"
 

@@ -1,7 +1,6 @@
-"""logit_bias, allowed_token_ids and bad_words, as vLLM defines them, for the runner to apply per step.
-
-logit_bias adds to logits (`apply_logit_bias`); the other two are TokenConstraints, so they reach
-the logits through the same bitmask rows as a grammar and combine with one (`AllOf`):
+"""allowed_token_ids and bad_words as vLLM defines them: TokenConstraints, so they reach the logits
+through the same bitmask rows as a grammar and combine with one (`AllOf`). (logit_bias is added
+by the sampler: nanovllm/engine/logits_processors.py.)
 
 - allowed_token_ids: only these tokens, at every step (EOS too only if listed).
 - bad_words: each word is tokenized as vLLM does (as written and with a leading space); a
@@ -13,30 +12,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.structured.bitmask import ALL_ALLOWED, bitmask_from_token_ids, clear_tokens
 
-if TYPE_CHECKING:  # constraint.py loads llguidance; these work with any TokenConstraint
-    from nanovllm.structured.constraint import TokenConstraint
-
-
-def apply_logit_bias(logits: Any, rows: Sequence[int], biases: Sequence[dict[int, float]]) -> Any:
-    """Add each row's bias (token id -> value) to its logits, in place; NumPy or CuPy logits."""
-    flat_rows, cols, values = [], [], []
-    for row, bias in zip(rows, biases, strict=True):
-        flat_rows.extend([row] * len(bias))
-        cols.extend(bias)
-        values.extend(bias.values())
-    if flat_rows:
-        xp = _array_module(logits)
-        # (row, token) pairs are distinct, so a fancy-indexed += adds each bias exactly once.
-        index = (xp.asarray(flat_rows), xp.asarray(cols))
-        logits[index] += xp.asarray(values, dtype=logits.dtype)
-    return logits
+if TYPE_CHECKING:
+    from nanovllm.engine.constraints import TokenConstraint
 
 
 class AllowedTokens:
@@ -137,11 +121,3 @@ def tokenize_bad_words(bad_words: Sequence[str], tokenizer: Tokenizer) -> list[l
         if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
             out.append(spaced)
     return out
-
-
-def _array_module(array: Any):
-    if isinstance(array, np.ndarray):
-        return np
-    import cupy  # logits on a GPU
-
-    return cupy
