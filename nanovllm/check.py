@@ -1,7 +1,7 @@
 """`nanovllm check`: are the CUDA kernels sound here?
 
 On a GPU: compile every kernel with NVRTC for the device (registers and spills from ptxas), run
-each against the NumPy reference (nanovllm/backends/cpu.py) on random inputs in float32,
+each against the NumPy reference (nanovllm/backends/cpu_reference.py) on random inputs in float32,
 float16 and bfloat16, and run a tiny random model greedily on the GPU and on the CPU. Without
 a GPU: compile for sm_80 and sm_90 and say that the runtime checks need a GPU, or run them on
 the CPU emulator with --emulated.

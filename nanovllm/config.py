@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEVICES = ("auto", "cpu", "cuda", "cuda-emulated")
+DEVICES = ("auto", "cpu", "cpu-reference", "cuda", "cuda-emulated")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -31,6 +31,8 @@ class EngineConfig:
     prompt_lookup_max: int = 4
     # Decode without CUDA graphs (the CPU backend always does).
     enforce_eager: bool = False
+    # CPU threads of the compiled kernels and of BLAS; None: one per core (nanovllm/backends/cpu.py).
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.num_threads is not None:
+            self._check_positive("num_threads")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         self._validate_speculation()

@@ -15,6 +15,7 @@ import pytest
 
 from nanovllm.backends import cuda
 from nanovllm.backends.cuda import CUDABackend
+from nanovllm.backends.kernel_cases import DTYPES, compare
 from nanovllm.backends.kernel_library import GGUF_FORMATS
 from nanovllm.backends.matmul_cases import (
     QTYPES,
@@ -25,7 +26,6 @@ from nanovllm.backends.matmul_cases import (
     matmul_checks,
     random_blocks,
 )
-from nanovllm.check import DTYPES, compare
 from nanovllm.errors import NanovllmError
 
 SCHEDULES = ("forward", "reverse", "random")

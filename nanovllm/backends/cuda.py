@@ -41,6 +41,7 @@ from nanovllm.backends.kernel_library import (
 )
 from nanovllm.backends.quantized import QuantizedWeight, gguf_format, row_bytes
 from nanovllm.errors import NanovllmError
+from nanovllm.models.quantized import dequantize_weight
 
 Array = Any
 COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
@@ -117,6 +118,10 @@ class CUDABackend:
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.get() if hasattr(x, "get") else np.asarray(x)
+
+    def weight(self, tensor: Any) -> Array:
+        """A weight matrix in the compute dtype (quantized ones dequantized on the host first)."""
+        return self.asarray(dequantize_weight(tensor), self.dtype)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
         return self.xp.zeros(shape, dtype=dtype or self.dtype)

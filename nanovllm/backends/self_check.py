@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nanovllm.backends.cpu import CPUBackend
+from nanovllm.backends.cpu_reference import ReferenceBackend
 from nanovllm.backends.cuda import CUDABackend
 from nanovllm.backends.kernel_cases import CheckResult, kernel_checks
 from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS, sources_digest
@@ -42,7 +42,7 @@ def model_check(backend: CUDABackend, new_tokens: int = 8, seed: int = 0) -> Che
     name = f"tiny model greedy {backend.dtype.name}"
     try:
         device = LoadedModel(checkpoint, backend, 64)
-        cpu = LoadedModel(checkpoint, CPUBackend(), 64)
+        cpu = LoadedModel(checkpoint, ReferenceBackend(), 64)
         logits_error = float(np.abs(device.logits(prompt) - cpu.logits(prompt)).max())
         got, want = device.greedy(prompt, new_tokens), cpu.greedy(prompt, new_tokens)
         must_agree = decisive_prefix(greedy_margins(cpu, prompt, want), logits_error)
