@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cpu-reference", "cuda", "cuda-emulated")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none")
 
 
 @dataclass(slots=True)
@@ -14,6 +15,9 @@ class EngineConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # "auto": quantized weights (GGUF blocks) stay as stored where the backend has kernels for
+    # them; "none": every weight is dequantized to the compute dtype at load.
+    quantization: str = "auto"
     block_size: int = 16
     num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory
     gpu_memory_utilization: float = 0.9
@@ -44,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.num_blocks != "auto":
             self._check_positive("num_blocks")
         if (

@@ -27,10 +27,15 @@ def resolve_device(device: str) -> str:
 
 
 def get_backend(
-    device: str = "auto", dtype: str = "auto", num_threads: int | None = None
+    device: str = "auto",
+    dtype: str = "auto",
+    num_threads: int | None = None,
+    quantization: str = "auto",
 ) -> Backend:
     """The backend for a device. num_threads: CPU threads of the compiled kernels and of BLAS
-    (None: the default of nanovllm/backends/cpu.py); ignored on a GPU."""
+    (None: the default of nanovllm/backends/cpu.py); ignored on a GPU. quantization "auto"
+    keeps quantized weights (GGUF blocks) in their stored form where the backend has kernels
+    for them, "none" dequantizes every weight at load (the reference backend always does)."""
     device = resolve_device(device)
     if device in ("cpu", "cpu-reference"):
         if dtype not in ("auto", "float32"):
@@ -43,5 +48,5 @@ def get_backend(
     if device in ("cuda", "cuda-emulated"):
         from nanovllm.backends.cuda import CUDABackend
 
-        return CUDABackend(dtype, emulated=device == "cuda-emulated")
+        return CUDABackend(dtype, emulated=device == "cuda-emulated", quantization=quantization)
     raise NanovllmError(f"unknown device {device!r}; use cpu, cpu-reference, cuda or cuda-emulated")

@@ -11,8 +11,9 @@ of the width the kernel declares (CuPy would pass a Python int as a 64-bit integ
 
 Matmuls: a decode step's few rows run on kernels/matmul.cu, which reads each weight byte once
 (and is what a CUDA graph may hold: CuPy refuses cuBLAS while a stream is capturing); more rows
-go to cuBLAS. GGUF weights stay in their file's blocks (`quantized_weight`): decoded in
-registers for few rows, dequantized into a reused scratch buffer for cuBLAS otherwise.
+go to cuBLAS. GGUF weights stay in their file's blocks (`weight`, `quantized_weight`): decoded
+in registers for few rows, dequantized into a reused scratch buffer for cuBLAS otherwise; with
+quantization "none" they are dequantized to the compute dtype at load instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_QUERY_VECTORS,
     ATTENTION_THREADS,
     DEQUANTIZE_THREADS,
+    GGUF_FORMATS,
     MATMUL_THREADS,
     MOE_ALIGN_THREADS,
     MOE_MAX_EXPERTS,
@@ -39,10 +41,16 @@ from nanovllm.backends.kernel_library import (
     attention_shared_bytes,
     matmul_geometry,
 )
-from nanovllm.backends.quantized import QuantizedWeight, gguf_format, row_bytes
+from nanovllm.backends.quantized import (
+    FusedQuantizedWeight,
+    QuantizedWeight,
+    gguf_format,
+    row_bytes,
+)
 from nanovllm.errors import NanovllmError
-from nanovllm.models.quantized import dequantize_weight
+from nanovllm.models.quantized import FusedWeight, QuantizedTensor
 
+QUANTIZATIONS = ("auto", "none")
 Array = Any
 COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -70,7 +78,12 @@ class CUDABackend:
         dtype: str = "float16",
         emulated: bool = False,
         emulator_options: dict[str, Any] | None = None,
+        quantization: str = "auto",
     ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise NanovllmError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+            )
         if dtype not in COMPUTE_DTYPES:
             raise NanovllmError(
                 f"the CUDA backend computes in float16 or float32, not {dtype}; bfloat16 "
@@ -79,6 +92,7 @@ class CUDABackend:
         self.name = "cuda-emulated" if emulated else "cuda"
         self.dtype = np.dtype(COMPUTE_DTYPES[dtype])
         self.emulated = emulated
+        self.keep_quantized = quantization == "auto"
         self.xp = np if emulated else _cupy()
         self.kernels = KernelLibrary(emulated, emulator_options)
         self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
@@ -119,9 +133,28 @@ class CUDABackend:
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.get() if hasattr(x, "get") else np.asarray(x)
 
-    def weight(self, tensor: Any) -> Array:
-        """A weight matrix in the compute dtype (quantized ones dequantized on the host first)."""
-        return self.asarray(dequantize_weight(tensor), self.dtype)
+    def weight(self, tensor: Any) -> Array | QuantizedWeight | FusedQuantizedWeight:
+        """A weight matrix as the loader read it, prepared for linear() and embedding(): GGUF
+        blocks of a format kernels/ decodes are uploaded as they are (unless quantization is
+        "none"); everything else becomes a dense array in the compute dtype. A fused matrix of
+        mixed types keeps each part in its own form."""
+        if isinstance(tensor, QuantizedTensor):
+            return self._stored_weight(tensor)
+        if isinstance(tensor, FusedWeight):
+            parts = tuple(self._stored_weight(part) for part in tensor.parts)
+            if any(isinstance(part, QuantizedWeight) for part in parts):
+                return FusedQuantizedWeight(parts)
+            return self.xp.concatenate(parts)
+        return self.asarray(np.asarray(tensor), self.dtype)
+
+    def _stored_weight(self, tensor: QuantizedTensor) -> Array | QuantizedWeight:
+        name = tensor.qtype.name.lower()
+        if self.keep_quantized and name in GGUF_FORMATS:
+            return self.quantized_weight(tensor.qtype, tensor.shape, tensor.data)
+        if name == "f16" and self.dtype == np.float16:  # the file's bytes, no float32 detour
+            return self.asarray(tensor.data.view(np.float16))
+        # F32, BF16, the GGUF types without kernels (Q2_K, Q3_K), or quantization "none".
+        return self.asarray(tensor.dequantize(), self.dtype)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
         return self.xp.zeros(shape, dtype=dtype or self.dtype)
@@ -143,6 +176,8 @@ class CUDABackend:
         return QuantizedWeight(fmt, (rows, cols), self.xp.ascontiguousarray(self.xp.asarray(data)))
 
     def embedding(self, ids: Array, weight: Array | QuantizedWeight) -> Array:
+        if isinstance(weight, FusedQuantizedWeight):
+            raise NanovllmError("an embedding table cannot be a fused weight")
         if isinstance(weight, QuantizedWeight):
             rows = self.dequantize(weight, self.dtype, ids)
             return rows.reshape(*ids.shape, weight.shape[1])
@@ -156,17 +191,45 @@ class CUDABackend:
                 f"takes {in_features}"
             )
         rows = x.reshape(-1, in_features)
-        if isinstance(weight, QuantizedWeight):
-            out = self._quantized_linear(rows, weight, bias)
-        elif len(rows) <= DENSE_KERNEL_MAX_ROWS or self._capturing():
-            out = self.matmul_kernel(rows, weight, bias)
+        if isinstance(weight, FusedQuantizedWeight):
+            out = self._fused_linear(rows, weight, bias)
         else:
-            out = self._cublas_linear(rows, weight, bias)
+            out = self._linear(rows, weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def _linear(self, x: Array, weight: Array | QuantizedWeight, bias: Array | None) -> Array:
+        if isinstance(weight, QuantizedWeight):
+            return self._quantized_linear(x, weight, bias)
+        if self._kernel_rows(len(x), weight):
+            return self.matmul_kernel(x, weight, bias)
+        return self._cublas_linear(x, weight, bias)
+
+    def _fused_linear(self, x: Array, weight: FusedQuantizedWeight, bias: Array | None) -> Array:
+        """One matmul per part, each into its columns of one output: the kernel writes there
+        directly (rows of `out` are N apart, wider than the part); the cuBLAS paths, which run
+        only eagerly for many rows, copy their result in."""
+        out = self.xp.empty((len(x), weight.shape[0]), dtype=x.dtype)
+        start = 0
+        for part in weight.parts:
+            stop = start + part.shape[0]
+            columns = out[:, start:stop]
+            part_bias = None if bias is None else bias[start:stop]
+            if self._kernel_rows(len(x), part):
+                self.matmul_kernel(x, part, part_bias, out=columns)
+            else:
+                columns[...] = self._linear(x, part, part_bias)
+            start = stop
+        return out
+
+    def _kernel_rows(self, rows: int, weight: Array | QuantizedWeight) -> bool:
+        """Whether linear() runs a matmul of this many rows on kernels/matmul.cu."""
+        quantized = isinstance(weight, QuantizedWeight)
+        limit = QUANTIZED_KERNEL_MAX_ROWS if quantized else DENSE_KERNEL_MAX_ROWS
+        return rows <= limit or self._capturing()
 
     def _quantized_linear(self, x: Array, weight: QuantizedWeight, bias: Array | None) -> Array:
         _check_gguf_dtype(x.dtype)
-        if len(x) <= QUANTIZED_KERNEL_MAX_ROWS or self._capturing():
+        if self._kernel_rows(len(x), weight):
             return self.matmul_kernel(x, weight, bias)
         rows, cols = weight.shape
         chunk = max(1, DEQUANTIZE_SCRATCH_BYTES // (cols * x.itemsize))
@@ -194,11 +257,16 @@ class CUDABackend:
         return out
 
     def matmul_kernel(
-        self, x: Array, weight: Array | QuantizedWeight, bias: Array | None = None
+        self,
+        x: Array,
+        weight: Array | QuantizedWeight,
+        bias: Array | None = None,
+        out: Array | None = None,
     ) -> Array:
         """[M, K] @ weight.T (+ bias) on kernels/matmul.cu, whatever M: what linear() runs for
         few rows and inside a graph capture. Float32 sums; the bias is added before the one
-        rounding to the dtype."""
+        rounding to the dtype. `out`, if given, is an [M, N] array of x's dtype whose rows may
+        be further apart than N (columns of a wider output)."""
         quantized = isinstance(weight, QuantizedWeight)
         if quantized:
             _check_gguf_dtype(x.dtype)
@@ -207,25 +275,27 @@ class CUDABackend:
             x = x.copy()  # the GGUF kernels read x 16 bytes at a time; a new array is aligned
         m, k = x.shape
         n = weight.shape[0]
-        out = self.xp.empty((m, n), dtype=x.dtype)
+        out = self.xp.empty((m, n), dtype=x.dtype) if out is None else out
+        stride = _row_stride(out, (m, n), x.dtype)
         if m == 0 or n == 0:
             return out
         if bias is not None:
             bias = self._contiguous(bias, x.dtype)
         sizes = (np.int32(m), np.int32(n), np.int32(k))
+        target = self._span(out, stride)
         if quantized:
             blocks, split = matmul_geometry(m, n, k // 32)
             fn = self.kernels.function("matmul", f"matmul_{weight.format}_{_SUFFIX[x.dtype]}")
             row_bytes = np.int64(weight.data.shape[1])
-            args = (out, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
+            args = (target, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
         else:
             _check_same_dtype(x, weight)
             weight = self._contiguous(weight, x.dtype)
             blocks, split = matmul_geometry(m, n, -(-k // 8))
             vec = k % 8 == 0 and _address(x) % 16 == 0 and _address(weight) % 16 == 0
             fn = self._kernel("matmul", "matmul", x.dtype)
-            args = (out, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
-        fn((blocks,), (MATMUL_THREADS,), args)
+            args = (target, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
+        fn((blocks,), (MATMUL_THREADS,), (*args, np.int64(stride)))
         return out
 
     def dequantize(
@@ -555,6 +625,18 @@ def _address(x: Array) -> int:
     """The device (or host, on the emulated device) address of an array's first element."""
     data = x.data
     return data.ptr if hasattr(data, "ptr") else x.ctypes.data
+
+
+def _row_stride(out: Array, shape: tuple[int, int], dtype: Any) -> int:
+    """The distance in elements between rows of a matmul's output, which must be `shape`, of
+    `dtype`, with contiguous rows."""
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise NanovllmError(
+            f"matmul output must be {dtype} {shape}, got {out.dtype} {tuple(out.shape)}"
+        )
+    if shape[1] > 1 and out.strides[1] != out.itemsize:
+        raise NanovllmError("matmul output rows must be contiguous")
+    return out.strides[0] // out.itemsize if shape[0] > 1 else shape[1]
 
 
 def _threads(work: int, limit: int = 1024) -> int:

@@ -8,6 +8,8 @@ both models' keys and values for the same token positions).
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -89,3 +91,51 @@ def kv_blocks_for_memory(config, model_configs: list, dtype: Any, free: int, tot
         for c in model_configs
     )
     return num_blocks_for_budget(free, total, config.gpu_memory_utilization, block, reserve)
+
+
+@dataclasses.dataclass(slots=True)
+class WeightMemory:
+    """What a loaded model's weights take: bytes of every array it holds (tied weights once),
+    and how many matrices are kept in each GGUF format ("dense" for the rest)."""
+
+    nbytes: int
+    matrices: Counter
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{n} {fmt.upper()}" for fmt, n in sorted(self.matrices.items()))
+        return f"{self.nbytes / 2**20:.1f} MiB ({kinds or 'no matrices'})"
+
+
+def weight_memory(model: Any) -> WeightMemory:
+    """Walk a model's attributes (layers, embeddings, norms, rotary tables) and add up the bytes
+    of every array and stored weight, each object once."""
+    seen: set[int] = set()
+    total = WeightMemory(0, Counter())
+    for name, value in vars(model).items():
+        if name not in ("config", "backend"):
+            _add(value, seen, total, matrices=name not in _TABLES)
+    return total
+
+
+_TABLES = ("cos_sin", "layer_cos_sin")  # rotary tables: memory, but no weight matrices
+
+
+def _add(value: Any, seen: set[int], total: WeightMemory, matrices: bool = True) -> None:
+    if id(value) in seen or value is None or isinstance(value, np.generic | str | int | float):
+        return
+    seen.add(id(value))
+    parts = getattr(value, "parts", None)
+    if isinstance(parts, tuple):  # a fused weight of mixed types: count each part
+        for part in parts:
+            _add(part, seen, total, matrices)
+        return
+    if hasattr(value, "nbytes") and hasattr(value, "shape"):
+        total.nbytes += int(value.nbytes)
+        if matrices and len(value.shape) == 2:
+            total.matrices[getattr(value, "format", "dense")] += 1
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            _add(getattr(value, field.name), seen, total, matrices)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _add(item, seen, total, matrices)

@@ -12,6 +12,7 @@ the KV cache is sized for the target and the draft together; the parts are built
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from nanovllm.backends import get_backend
@@ -29,6 +30,7 @@ from nanovllm.models.loader import Checkpoint, build_model, load_checkpoint
 from nanovllm.models.model_config import ModelConfig
 
 DEFAULT_NUM_BLOCKS = 512  # `--num-blocks auto` without device memory to size from
+logger = logging.getLogger("nanovllm.engine")
 
 
 @dataclass(slots=True)
@@ -42,7 +44,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     draft = load_checkpoint(config.draft_model) if config.speculative_method == "draft" else None
     if draft is not None:
         _check_draft_vocabulary(config, checkpoint.config, draft.config)
-    backend = get_backend(config.device, config.dtype)
+    backend = get_backend(config.device, config.dtype, quantization=config.quantization)
     configs = [checkpoint.config] + ([draft.config] if draft is not None else [])
     for model_config in configs:
         backend.check_model(model_config)  # before loading: refuse what it has no kernel for
@@ -51,6 +53,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         build_model(checkpoint, backend, limit),
         build_model(draft, backend, limit) if draft is not None else None,
     )
+    _report_weights(backend, models)
     if backend.needs_startup_check:
         from nanovllm.backends.self_check import startup_self_check
 
@@ -82,6 +85,16 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     scheduler = Scheduler(config, manager, k, info.max_model_len)
     processor = OutputProcessor(info.tokenizer, eos, info.max_model_len)
     return LLMEngine(config, info, scheduler, runner, processor)
+
+
+def _report_weights(backend: Backend, models: Models) -> None:
+    from nanovllm.backends.memory import weight_memory
+
+    where = "device" if backend.name.startswith("cuda") else "host"
+    for role, model in (("model", models.target), ("draft model", models.draft)):
+        if model is not None:
+            memory = weight_memory(model)
+            logger.info("%s weights: %s in %s memory", role, memory.describe(), where)
 
 
 def model_info(checkpoint: Checkpoint, max_model_len: int) -> ModelInfo:

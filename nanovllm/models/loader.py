@@ -153,8 +153,13 @@ class LoadedModel:
 
 
 def load_model(
-    model: str, device: str = "cpu", dtype: str = "auto", max_model_len: int | None = None
+    model: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
     checkpoint = load_checkpoint(model)
     max_positions = max_model_len or checkpoint.config.max_position_embeddings
-    return LoadedModel(checkpoint, get_backend(device, dtype), max_positions)
+    backend = get_backend(device, dtype, quantization=quantization)
+    return LoadedModel(checkpoint, backend, max_positions)
