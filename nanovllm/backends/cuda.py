@@ -100,6 +100,13 @@ class CUDABackend:
     # ---- capabilities ------------------------------------------------------------------------
     supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)
 
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs: when the array module is CuPy (or,
+        in tests, a stand-in for it that enforces CuPy's rules); plain NumPy on the emulated
+        device runs the same padded steps eagerly."""
+        return hasattr(self.xp, "cuda")
+
     def check_model(self, config) -> None:
         """Refuse, before any weight is loaded, a model these kernels cannot run."""
         if config.head_dim not in ATTENTION_HEAD_DIMS:
@@ -667,8 +674,8 @@ def _check_cache(k_cache: Array, v_cache: Array, dtype: Any) -> None:
 
 
 def _warn_if_overflows_float16(x: Any) -> None:
-    """Warn when converting a wider float array to float16 turns values into inf."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 2 or not x.size:
+    """Warn when converting a wider float host array to float16 turns values into inf."""
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize <= 2 or not x.size:
         return
     peak = float(np.abs(x).max())
     if peak > FLOAT16_MAX:
