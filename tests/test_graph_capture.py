@@ -86,6 +86,19 @@ def test_the_decode_step_is_captured_and_replays_give_the_eager_and_cpu_tokens(
         assert got == generate(LLM(path, device="cpu", num_blocks=32, block_size=4))
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "qwen2_moe"])
+def test_gemma_and_moe_decode_steps_are_captured_too(monkeypatch, checkpoint_factory, kind):
+    """Gemma scales its embedding by a NumPy scalar (a 0-d NumPy array is no CuPy operand);
+    the experts' routing and grouped matmuls run on device-sized grids, never reading back."""
+    path = str(checkpoint_factory(kind))
+    llm, _ = fake_llm(monkeypatch, path, "float32", max_num_seqs=2)
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs.graphs is not None and not graphs.eager
+    assert generate(llm, (6, 9)) == generate(
+        LLM(path, device="cpu", num_blocks=32, block_size=4), (6, 9)
+    )
+
+
 def test_a_replay_reads_the_inputs_of_its_step_not_those_of_the_capture(
     monkeypatch, quantized_path
 ):
