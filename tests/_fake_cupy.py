@@ -62,6 +62,12 @@ class DeviceArray(np.ndarray):
     through its FakeCuPy (checked, and recorded while a stream captures)."""
 
     fake: FakeCuPy  # the active stand-in (one at a time, set by FakeCuPy())
+    _alloc: Allocation | None = None  # the device allocation this array (or view) keeps alive
+    _root: np.ndarray | None = None  # the NumPy memory behind that allocation
+
+    def __array_finalize__(self, obj) -> None:
+        self._alloc = getattr(obj, "_alloc", None)
+        self._root = getattr(obj, "_root", None)
 
     # ---- operations ----------------------------------------------------------------------
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -75,9 +81,9 @@ class DeviceArray(np.ndarray):
         return self.fake.op(func, args, kwargs)
 
     def __getitem__(self, key):
-        raw, key = _raw(self), self.fake.index(key)
+        key = self.fake.index(key)
         if _basic(key):  # a view, as in CuPy (a 0-d view rather than a scalar)
-            return np.ndarray.__getitem__(raw, _with_ellipsis(key)).view(DeviceArray)
+            return np.ndarray.__getitem__(self, _with_ellipsis(key))
         return self.fake.op(lambda a, k: a[k], (self, key), {})
 
     def __setitem__(self, key, value):
@@ -148,10 +154,24 @@ class DeviceArray(np.ndarray):
         return int(self.get())
 
 
+class Allocation:
+    """One block taken from a pool; it goes back to the pool when the last array using it dies
+    (what recorded work holds is the memory, not the allocation, as in a CUDA graph)."""
+
+    def __init__(self, pool: MemoryPool, size: int) -> None:
+        pool.take(size)
+        weakref.finalize(self, pool.give_back, size)
+
+
 def _raw(x: Any) -> Any:
-    """DeviceArrays (also inside lists, tuples and dicts) as plain ndarray views."""
+    """DeviceArrays (also inside lists, tuples and dicts) as plain ndarray views of their memory
+    that do not keep their allocation alive."""
     if isinstance(x, DeviceArray):
-        return x.view(np.ndarray)
+        root = x._root
+        if root is None:
+            return x.view(np.ndarray)
+        offset = x.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+        return np.ndarray(x.shape, x.dtype, buffer=root, offset=offset, strides=x.strides)
     if isinstance(x, list | tuple):
         return type(x)(_raw(v) for v in x)
     if isinstance(x, dict):
@@ -190,8 +210,12 @@ def _setitem(a: np.ndarray, key: Any, value: Any) -> None:
     a[key] = value
 
 
-def _shares(result: np.ndarray, inputs: list) -> bool:
-    return any(isinstance(a, np.ndarray) and np.may_share_memory(result, a) for a in inputs)
+def _owner(result: np.ndarray, args: Any) -> DeviceArray | None:
+    """The device array among args whose memory result is a view of, if any."""
+    for arg in _flat(args):
+        if isinstance(arg, DeviceArray) and np.may_share_memory(result, _raw(arg)):
+            return arg
+    return None
 
 
 def _flat(x: Any) -> list:
@@ -439,14 +463,15 @@ class FakeCuPy:
         return owner
 
     def adopt(self, raw: np.ndarray) -> DeviceArray:
-        """A new device array over `raw`, counted in the current pool until it dies."""
+        """A new device array over `raw` (C-contiguous), counted in the current pool until it
+        and every view of it die."""
         size = -(-max(raw.nbytes, 1) // _ROUND) * _ROUND
-        pool = self.pool()
-        pool.take(size)
-        weakref.finalize(raw, pool.give_back, size)
+        alloc = Allocation(self.pool(), size)
         if self.capturing() is not None:
             _poison(raw)  # capture runs nothing: what it seems to compute is garbage
-        return raw.view(DeviceArray)
+        array = raw.view(DeviceArray)
+        array._alloc, array._root = alloc, raw
+        return array
 
     def device_grew(self, size: int) -> None:
         held = self.other_bytes + sum(p.total_bytes() for p in self.pools)
@@ -479,16 +504,22 @@ class FakeCuPy:
         with np.errstate(all="ignore"):
             result = fn(*raw_args, **raw_kwargs)  # while capturing: only its shape counts
         if isinstance(result, tuple):
-            return tuple(self._result(r, fn, raw_args, raw_kwargs, i) for i, r in enumerate(result))
-        return self._result(result, fn, raw_args, raw_kwargs, None)
+            return tuple(
+                self._result(r, fn, (args, kwargs), raw_args, raw_kwargs, i)
+                for i, r in enumerate(result)
+            )
+        return self._result(result, fn, (args, kwargs), raw_args, raw_kwargs, None)
 
-    def _result(self, result, fn, raw_args, raw_kwargs, position) -> Any:
+    def _result(self, result, fn, args, raw_args, raw_kwargs, position) -> Any:
         if not isinstance(result, np.ndarray | np.generic):
             return result  # e.g. a shape
         result = np.array(result) if isinstance(result, np.generic) else result
-        inputs = _flat(raw_args) + _flat(raw_kwargs)
-        if _shares(result, inputs):
-            return result.view(DeviceArray)  # a view: no work
+        owner = _owner(result, args)
+        if owner is not None:  # a view of an input: no work, and it keeps that memory alive
+            view = result.view(DeviceArray)
+            view._alloc, view._root = owner._alloc, owner._root
+            return view
+        result = np.ascontiguousarray(result)
         array = self.adopt(result)
         stream = self.capturing()
         if stream is not None:
@@ -559,5 +590,4 @@ class FakeCuPy:
         return array.copy()
 
     def as_strided(self, x, shape=None, strides=None) -> DeviceArray:
-        view = np.lib.stride_tricks.as_strided(_raw(x), shape=shape, strides=strides)
-        return view.view(DeviceArray)
+        return np.lib.stride_tricks.as_strided(x, shape=shape, strides=strides, subok=True)

@@ -18,8 +18,10 @@ quantization "none" they are dequantized to the compute dtype at load instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -96,6 +98,7 @@ class CUDABackend:
         self.xp = np if emulated else _cupy()
         self.kernels = KernelLibrary(emulated, emulator_options)
         self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
+        self._kernels_only = False  # inside decode_matmuls()
 
     # ---- capabilities ------------------------------------------------------------------------
     supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)
@@ -123,8 +126,9 @@ class CUDABackend:
         return not self.emulated
 
     def memory_info(self) -> tuple[int, int] | None:
-        """(free, total) device bytes for sizing the KV cache; None on the emulated device."""
-        if self.emulated:
+        """(free, total) device bytes for sizing the KV cache; None on the emulated device (unless
+        a test gave it a stand-in for CuPy with a device behind it)."""
+        if not hasattr(self.xp, "cuda"):
             return None
         free, total = self.xp.cuda.runtime.memGetInfo()
         # Memory CuPy's pool holds but no array uses is free for the cache too.
@@ -232,7 +236,7 @@ class CUDABackend:
         """Whether linear() runs a matmul of this many rows on kernels/matmul.cu."""
         quantized = isinstance(weight, QuantizedWeight)
         limit = QUANTIZED_KERNEL_MAX_ROWS if quantized else DENSE_KERNEL_MAX_ROWS
-        return rows <= limit or self._capturing()
+        return rows <= limit or self._kernels_only or self._capturing()
 
     def _quantized_linear(self, x: Array, weight: QuantizedWeight, bias: Array | None) -> Array:
         _check_gguf_dtype(x.dtype)
@@ -347,6 +351,18 @@ class CUDABackend:
             self._scratch = None  # let the pool reuse the old buffer's memory
             self._scratch = self.xp.empty(size, dtype=np.uint8)
         return self._scratch[:size].view(dtype).reshape(count, cols)
+
+    @contextlib.contextmanager
+    def decode_matmuls(self) -> Iterator[None]:
+        """Inside, linear() runs every matmul on kernels/matmul.cu whatever its row count: the
+        padded decode step a CUDA graph holds, so its warm-up before capture (and its eager run
+        on the emulated device) is the same computation as the graph, and allocates what the
+        graph will (no dequantize scratch, no cuBLAS workspace in the graphs' pool)."""
+        previous, self._kernels_only = self._kernels_only, True
+        try:
+            yield
+        finally:
+            self._kernels_only = previous
 
     def _capturing(self) -> bool:
         """Whether the current stream is being captured into a CUDA graph, where CuPy refuses

@@ -65,7 +65,8 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     """An engine from loaded models. info.max_model_len is the model's limit before the KV
     cache's capacity caps it."""
     configs = [models.target.config] + ([models.draft.config] if models.draft else [])
-    num_blocks = num_kv_blocks(config, backend, configs)
+    loaded = [models.target] + ([models.draft] if models.draft else [])
+    num_blocks = num_kv_blocks(config, backend, configs, loaded)
     info.max_model_len = _fit_length(config, info.max_model_len, num_blocks)
     eos = info.eos_token_ids
     k = config.num_speculative_tokens if config.speculative_method else 0
@@ -139,18 +140,34 @@ def _fit_length(config: EngineConfig, limit: int, num_blocks: int) -> int:
     return min(limit, capacity)
 
 
-def num_kv_blocks(config: EngineConfig, backend: Backend, configs: list[ModelConfig]) -> int:
+def num_kv_blocks(
+    config: EngineConfig, backend: Backend, configs: list[ModelConfig], models: list | None = None
+) -> int:
     """`--num-blocks auto` sizes the KV cache from free device memory once the weights are
-    loaded, for the target and the draft model together (they share block tables); a backend
-    without device memory to size from gets the default."""
+    loaded, for the target and the draft model together (they share block tables), keeping out
+    a reserve for what steps allocate (nanovllm/backends/memory.py); a backend without device
+    memory to size from gets the default. `models`: the loaded models, whose GGUF weights
+    decide the dequantize scratch."""
     if config.num_blocks != "auto":
         return config.num_blocks
     memory = backend.memory_info()
     if memory is None:
         return DEFAULT_NUM_BLOCKS
-    from nanovllm.backends.memory import kv_blocks_for_memory
+    from nanovllm.backends.cuda import DEQUANTIZE_SCRATCH_BYTES
+    from nanovllm.backends.memory import dequantize_scratch_bytes, kv_blocks_for_memory
 
-    return kv_blocks_for_memory(config, configs, backend.dtype, *memory)
+    graphs = getattr(backend, "captures_graphs", False) and not config.enforce_eager
+    scratch = dequantize_scratch_bytes(models or [], backend.dtype, DEQUANTIZE_SCRATCH_BYTES)
+    blocks, reserve = kv_blocks_for_memory(
+        config, configs, backend.dtype, *memory, graphs=graphs, scratch_bytes=scratch
+    )
+    free, total = memory
+    logger.info(
+        "KV cache: %d blocks of %d tokens; %.2f GiB of %.2f GiB in use, %.2f GiB reserved (%s)",
+        blocks, config.block_size, (total - free) / 2**30, total / 2**30, reserve.total / 2**30,
+        reserve.describe(),
+    )  # fmt: skip
+    return blocks
 
 
 def allocate_kv_cache(

@@ -213,9 +213,10 @@ class DecodeGraphRunner:
 
     def _forward(self, bucket: int) -> Array:
         """The padded step on the static device buffers, into the shared logits buffer: what a
-        graph holds."""
+        graph holds (its matmuls on our kernels, captured or not)."""
         out = self.logits_out[:bucket]
-        out[...] = self._step(self.device, bucket)
+        with self.backend.decode_matmuls():
+            out[...] = self._step(self.device, bucket)
         return out
 
     def _step(self, bufs: DecodeBuffers, rows: int) -> Array:
