@@ -12,6 +12,12 @@ from nanovllm.backends.base import AttentionMetadata, Backend
 from nanovllm.engine.batch import ForwardItem, StepInputs, forward_item, prepare, sampling_row
 from nanovllm.engine.constraints import bitmask_words
 from nanovllm.engine.cuda_graphs import DecodeGraphRunner
+from nanovllm.engine.numerics import (
+    NonFiniteLogitsError,
+    all_finite,
+    first_nonfinite,
+    nonfinite_message,
+)
 from nanovllm.engine.sampler import SampledTokens, Sampler, VerifyGroup
 from nanovllm.engine.spec_decode import Proposer, SpecStats, roll_back_draft
 from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
@@ -106,11 +112,29 @@ class ModelRunner:
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):
         """Run the model once over all items; float32 logits of the requested rows, in order.
-        They stay on the backend (a GPU's sampler works on them there)."""
+        They stay on the backend (a GPU's sampler works on them there). Logits that are not
+        finite stop the step (nanovllm/engine/numerics.py)."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.accepts(items):
-            return graphs.logits(items)
-        return self.eager_logits(items)
+            logits = graphs.logits(items)
+            if all_finite(self.backend.xp, logits):
+                return logits
+            # A replay gone wrong must not be mistaken for the model's overflow.
+            graphs.fall_back("a replay gave logits that are not finite")
+        logits = self.eager_logits(items)
+        if not all_finite(self.backend.xp, logits):
+            self._report_nonfinite(items, logits)
+        return logits
+
+    def _report_nonfinite(self, items: list[ForwardItem], logits) -> None:
+        xp = self.backend.xp
+        bad = int((~xp.isfinite(logits).all(axis=1)).sum())
+        inputs = prepare(items, self.block_size)
+        where = first_nonfinite(lambda inspect: self.forward(inputs, inspect), xp)
+        layers = self.model.config.num_layers
+        raise NonFiniteLogitsError(
+            nonfinite_message(bad, len(logits), where, layers, self.backend.dtype)
+        )
 
     def eager_logits(self, items: list[ForwardItem]):
         inputs = prepare(items, self.block_size)
@@ -121,8 +145,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
         return logits.astype(xp.float32, copy=False)
 
-    def forward(self, inputs: StepInputs):
+    def forward(self, inputs: StepInputs, inspect=None):
         upload, host = self.backend.asarray, inputs.attention
         meta = AttentionMetadata.build(host, self.block_size, host.map(upload))
         ids, positions = upload(inputs.input_ids), upload(inputs.positions)
-        return self.model.forward(ids, positions, meta, self.kv_caches)
+        if inspect is None:
+            return self.model.forward(ids, positions, meta, self.kv_caches)
+        return self.model.forward(ids, positions, meta, self.kv_caches, inspect=inspect)

@@ -16,7 +16,7 @@ the attention window comes from the config and the rotary table from `layer_cos_
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +86,27 @@ class LlamaForCausalLM:
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
-        self, input_ids: Array, positions: Array, meta: AttentionMetadata, kv_caches: list[KVCache]
+        self,
+        input_ids: Array,
+        positions: Array,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        inspect: Callable[[int, Array, Array | None], None] | None = None,
     ) -> Array:
-        """Hidden states [T, H] after the final norm, for every token of the flat batch."""
+        """Hidden states [T, H] after the final norm, for every token of the flat batch.
+        inspect(index, hidden, residual), if given, sees the residual stream (hidden + residual)
+        after the embedding (index -1) and after each layer: the engine's diagnosis of
+        non-finite logits."""
         hidden = self._embed(input_ids)
         residual = None
+        if inspect is not None:
+            inspect(-1, hidden, residual)
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden, residual = self._decoder_layer(
                 index, layer, hidden, residual, positions, meta, kv_cache
             )
+            if inspect is not None:
+                inspect(index, hidden, residual)
         hidden, _ = self.backend.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
