@@ -323,11 +323,23 @@ def test_linear_refuses_mismatched_features(emulated) -> None:
         backend.linear(np.ones((1, 7), np.float32), np.ones((3, 8), np.float32))
 
 
-def test_check_cases_cover_every_kernel_and_pass(emulated) -> None:
+def test_check_cases_cover_every_kernel_and_path_and_pass(emulated) -> None:
     checks = matmul_checks(emulated("forward"), ["float32"])
-    assert [name for name, _ in checks] == ["matmul float32"] + [
-        f"matmul {fmt.upper()} float32" for fmt in FORMATS
+    per_format = [
+        f"{op} {fmt.upper()} float32" for fmt in FORMATS for op in ("matmul", "linear", "embedding")
     ]
-    for name, case in checks:
-        ok, worst = compare(*case(np.random.default_rng(13)), "float32")
+    fused = f"linear fused {FORMATS[0].upper()}+{FORMATS[1].upper()} float32"
+    assert [name for name, _, _ in checks] == [
+        "matmul float32", "linear float32", "embedding float32", *per_format, fused
+    ]  # fmt: skip
+    for name, dtype, case in checks:
+        ok, worst = compare(*case(np.random.default_rng(13)), dtype)
         assert ok, f"{name}: {worst:.2f} x tolerance"
+
+
+def test_the_self_check_takes_only_the_formats_in_use(emulated) -> None:
+    checks = matmul_checks(emulated("forward"), ["float16"], ["dense", "q6_k"])
+    assert [name for name, _, _ in checks] == [
+        "matmul float16", "linear float16", "embedding float16",
+        "matmul Q6_K float16", "linear Q6_K float16", "embedding Q6_K float16",
+    ]  # fmt: skip

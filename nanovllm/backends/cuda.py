@@ -19,6 +19,7 @@ quantization "none" they are dequantized to the compute dtype at load instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Iterator
@@ -99,6 +100,15 @@ class CUDABackend:
         self.kernels = KernelLibrary(emulated, emulator_options)
         self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
         self._kernels_only = False  # inside decode_matmuls()
+
+    def with_dtype(self, dtype: str) -> CUDABackend:
+        """The same device and kernels (compiled once) computing in another dtype."""
+        if dtype not in COMPUTE_DTYPES:
+            raise NanovllmError(f"the CUDA backend computes in float16 or float32, not {dtype}")
+        other = copy.copy(self)
+        other.dtype = np.dtype(COMPUTE_DTYPES[dtype])
+        other._scratch = None
+        return other
 
     # ---- capabilities ------------------------------------------------------------------------
     supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)

@@ -274,14 +274,24 @@ def kernel_checks(
     for head_dim in head_dims:
         kwargs = {"head_dim": head_dim, "block_size": 16, "seqs": ((5, 40), (1, 150), (2, 2))}
         cases.append((f"paged_attention d{head_dim}", case_paged_attention, kwargs))
+    checks = [
+        (f"{name} {dtype}", dtype, lambda rng, c=case, d=dtype, k=kwargs: c(backend, d, rng, **k))
+        for dtype in dtypes
+        for name, case, kwargs in cases
+    ]
+    return run_checks(checks, seed)
+
+
+def run_checks(checks: Sequence[tuple[str, str, Callable]], seed: int = 0) -> list[CheckResult]:
+    """Run (name, dtype, case) checks, case(rng) -> Results, each on a fresh generator and
+    within the dtype's tolerance. A case that raises is a failed check, not a crash."""
     results = []
-    for dtype in dtypes:
-        for name, case, kwargs in cases:
-            rng = np.random.default_rng(seed)
-            try:
-                ok, worst = compare(*case(backend, dtype, rng, **kwargs), dtype)
-                detail = f"max error {worst:.2f} x tolerance"
-            except Exception as exc:  # a launch failure is a failed check, not a crash
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            results.append(CheckResult(f"{name} {dtype}", ok, detail))
+    for name, dtype, case in checks:
+        rng = np.random.default_rng(seed)
+        try:
+            ok, worst = compare(*case(rng), dtype)
+            detail = f"max error {worst:.2f} x tolerance"
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append(CheckResult(name, ok, detail))
     return results

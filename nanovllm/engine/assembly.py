@@ -6,8 +6,10 @@ a fake that records what it is asked) without patching anything afterwards.
 
 What happens at start-up, in order: the checkpoint (and a draft model's) is read; the backend is
 chosen and refuses, before any weight is loaded, a model whose head_dim or dtype it has no
-kernel for; the weights are loaded; the backend's start-up check runs for every head_dim in use;
-the KV cache is sized for the target and the draft together; the parts are built.
+kernel for; the weights are loaded (their memory is logged); the backend's start-up check runs
+for every head_dim, matmul path and weight format in use, with one step of each model against
+the reference; the KV cache is sized for the target and the draft together; the parts are
+built.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     )
     _report_weights(backend, models)
     if backend.needs_startup_check:
-        from nanovllm.backends.self_check import startup_self_check
+        from nanovllm.backends.self_check import LoadedForCheck, startup_self_check
 
-        startup_self_check(backend, sorted({c.head_dim for c in configs}))
+        loaded = [LoadedForCheck(models.target, checkpoint, config.model)]
+        if draft is not None:
+            loaded.append(LoadedForCheck(models.draft, draft, config.draft_model))
+        startup_self_check(backend, sorted({c.head_dim for c in configs}), loaded)
     return assemble(config, model_info(checkpoint, limit), backend, models)
 
 
