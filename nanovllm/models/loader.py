@@ -116,12 +116,19 @@ class LoadedModel:
         self.max_positions = max_positions
         self.model = model or build_model(checkpoint, backend, max_positions)
 
-    def logits(self, token_ids: list[int], inspect=None) -> np.ndarray:
+    def logits(
+        self, token_ids: list[int], inspect=None, chunks: list[int] | None = None
+    ) -> np.ndarray:
         """[T, vocab] float32 logits at every position of one sequence. inspect: see
-        LlamaForCausalLM.forward."""
+        LlamaForCausalLM.forward. chunks: token counts of successive forwards (chunked
+        prefill; default one forward of everything)."""
         caches = self._new_caches(len(token_ids))
-        hidden = self._forward(token_ids, 0, caches, inspect)
-        return self.backend.to_numpy(self.model.compute_logits(hidden)).astype(np.float32)
+        out, start = [], 0
+        for size in chunks or [len(token_ids)]:
+            hidden = self._forward(token_ids[start : start + size], start, caches, inspect)
+            out.append(self.backend.to_numpy(self.model.compute_logits(hidden)))
+            start += size
+        return np.concatenate(out).astype(np.float32)
 
     def greedy(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation (no EOS stop): prefill once, then one decode step per token."""
