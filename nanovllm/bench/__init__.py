@@ -1,10 +1,12 @@
 """`nanovllm bench`: throughput (offline), overhead (the engine around a model that costs
-nothing) and serve (latency of a running server)."""
+nothing), serve (latency of a running server) and decode (decode steps of a random-weight
+model on a GPU, with and without CUDA graphs)."""
 
 from __future__ import annotations
 
 
 def add_bench_parser(sub) -> None:
+    from nanovllm.bench.decode import add_decode_parser
     from nanovllm.bench.overhead import add_overhead_parser
     from nanovllm.bench.serve import add_serve_bench_parser
     from nanovllm.bench.throughput import add_throughput_parser
@@ -14,3 +16,4 @@ def add_bench_parser(sub) -> None:
     add_throughput_parser(kinds)
     add_overhead_parser(kinds)
     add_serve_bench_parser(kinds)
+    add_decode_parser(kinds)
