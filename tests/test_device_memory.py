@@ -167,3 +167,31 @@ def test_the_dequantize_scratch_is_the_largest_matrix_or_the_slice_that_fits():
     model.layers = [weight]
     assert memory.dequantize_scratch_bytes([model], np.float16, 2**20) == 300 * 32 * 2
     assert memory.dequantize_scratch_bytes([model], np.float16, 100 * 64) == 100 * 32 * 2
+
+
+def test_start_up_logs_what_the_weights_take_on_the_device(tmp_path, caplog):
+    import logging
+
+    path = str(write_quantized_qwen2(tmp_path / "mix.gguf"))
+    with caplog.at_level(logging.INFO, logger="nanovllm.engine"):
+        LLM(path, device="cuda-emulated", dtype="float16", num_blocks=16)
+    line = next(r.message for r in caplog.records if "model weights" in r.message)
+    assert "in device memory" in line
+    assert "2 Q4_1, 2 Q4_K, 2 Q5_0, 3 Q6_K, 3 Q8_0" in line  # q/k and v parts of the fused qkv
+
+
+def test_quantization_flag_is_parsed_and_validated():
+    from nanovllm.args import engine_config
+    from nanovllm.cli import build_parser
+    from nanovllm.config import EngineConfig
+
+    parser = build_parser()
+    base = ["generate", "--model", "m", "--prompt", "p"]
+    assert engine_config(parser.parse_args(base)).quantization == "auto"
+    assert (
+        engine_config(parser.parse_args([*base, "--quantization", "none"])).quantization == "none"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--quantization", "awq"])
+    with pytest.raises(ValueError, match="quantization must be one of auto, none"):
+        EngineConfig(model="m", quantization="gguf")

@@ -107,6 +107,9 @@ def sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+DEFAULT_TOOLKITS = ("/usr/local/cuda",)
+
+
 def cuda_include_dir() -> Path:
     """The folder holding cuda_fp16.h / cuda_bf16.h, which NVRTC needs on its include path:
     from NVIDIA's pip wheels (CUDA 12's `nvidia-cuda-runtime-cu12` puts them in
@@ -134,7 +137,7 @@ def _include_candidates() -> list[Path]:
                 found += [path / "include" for path in sorted(root.glob("cu[0-9]*"), reverse=True)]
             else:
                 found.append(root / "include")
-    toolkits = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    toolkits = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), *DEFAULT_TOOLKITS]
     return found + [Path(path) / "include" for path in toolkits if path]
 
 
