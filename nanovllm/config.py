@@ -37,6 +37,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # CPU threads of the compiled kernels and of BLAS; None: one per core (nanovllm/backends/cpu.py).
     num_threads: int | None = None
+    # Ranks the model is split across (Megatron-style; nanovllm/models/sharding.py): GPUs on
+    # `cuda`, in-process ranks with the reference communicator on the CPU and emulated devices.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,7 +64,12 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+        ):
             self._check_positive(name)
         if self.max_num_seqs > 65535:  # paged attention puts sequences on gridDim.y
             raise ValueError(f"max_num_seqs must be at most 65535, got {self.max_num_seqs}")
@@ -97,6 +105,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError("prompt_lookup_max must be at least prompt_lookup_min")
+        if self.speculative_method == "draft" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "a draft model is not supported with tensor_parallel_size > 1 yet; use "
+                "speculative_method 'ngram'"
+            )
 
     @property
     def name(self) -> str:

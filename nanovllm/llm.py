@@ -11,7 +11,7 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import RequestOutputKind, SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # text, token ids, or vLLM's TextPrompt / TokensPrompt dict
 Message = dict[str, object]
 
 
@@ -45,8 +45,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids."""
-        prompts = _as_prompt_list(prompts)
+        """One RequestOutput per prompt, in order. A prompt is a string, a list of token ids, or
+        vLLM's dicts: {"prompt": text} (TextPrompt) or {"prompt_token_ids": [...]} (TokensPrompt)."""
+        prompts = [_engine_prompt(p) for p in _as_prompt_list(prompts)]
         params = self._params_per_prompt(sampling_params, len(prompts))
         return self._run([(p, sp, True) for p, sp in zip(prompts, params, strict=True)], use_tqdm)
 
@@ -112,11 +113,28 @@ class LLM:
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str | dict):
         return [prompts]
     if isinstance(prompts, list | tuple) and prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]
     return list(prompts)
+
+
+def _engine_prompt(prompt: Prompt) -> str | list[int]:
+    """What the engine takes: text, or token ids (vLLM's prompt dicts unwrapped)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+    if unknown:
+        raise ValueError(
+            f"prompt dict has unsupported key(s) {', '.join(map(repr, unknown))}; a prompt dict "
+            "is {'prompt': text} or {'prompt_token_ids': [ids]}"
+        )
+    if "prompt_token_ids" in prompt:  # TokensPrompt: the ids win, as in vLLM
+        return prompt["prompt_token_ids"]
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("prompt dict needs 'prompt' (text) or 'prompt_token_ids' (a list of ids)")
 
 
 def _progress(total: int):

@@ -21,3 +21,27 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[st
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def emulated():
+    """schedule (or "asan") -> an emulated CUDA backend, kernels compiled once per session."""
+    from nanovllm.backends.cuda import CUDABackend
+
+    backends = {}
+
+    def get(schedule: str):
+        if schedule not in backends:
+            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
+            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
+        return backends[schedule]
+
+    return get
+
+
+def assert_matches(results, dtype: str) -> None:
+    """A kernel case's outputs within the dtype's tolerance of the NumPy reference."""
+    from nanovllm.backends.kernel_cases import compare
+
+    ok, worst = compare(*results, dtype)
+    assert ok, f"max error {worst:.2f} x the {dtype} tolerance"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_matches
 
-from nanovllm import check as check_module
-from nanovllm.backends.cuda import CUDABackend
+from nanovllm.backends import kernel_cases
 from nanovllm.backends.kernel_cases import (
     DTYPES,
     attention_metadata,
@@ -26,30 +26,10 @@ from nanovllm.backends.kernel_cases import (
     case_rotary,
     case_silu_and_mul,
     case_write_kv,
-    compare,
 )
 from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
 
 SCHEDULES = ("forward", "reverse", "random")
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    """schedule (or "asan") -> an emulated CUDA backend, kernels compiled once per module."""
-    backends: dict[str, CUDABackend] = {}
-
-    def get(schedule: str) -> CUDABackend:
-        if schedule not in backends:
-            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
-            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
-        return backends[schedule]
-
-    return get
-
-
-def assert_matches(results, dtype: str) -> None:
-    ok, worst = compare(*results, dtype)
-    assert ok, f"max error {worst:.2f} x the {dtype} tolerance"
 
 
 # ---- paged attention -----------------------------------------------------------------------
@@ -135,7 +115,7 @@ def test_sliding_window_attention_never_reads_blocks_before_the_window(emulated)
         return meta, num_blocks
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "attention_metadata", poisoned)
+        patch.setattr(kernel_cases, "attention_metadata", poisoned)
         results = case_paged_attention(backend, "float32", rng, seqs=seqs, **kwargs)
     assert_matches(results, "float32")
     np.testing.assert_array_equal(results[1][0], clean[1][0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from conftest import assert_matches
 
 from nanovllm.backends import cuda
 from nanovllm.backends.cuda import CUDABackend
@@ -35,25 +36,6 @@ SCHEDULES = ("forward", "reverse", "random")
 GGUF_DTYPES = ("float32", "float16")
 FORMATS = tuple(GGUF_FORMATS)
 Q3_K = gguf.GGMLQuantizationType.Q3_K
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    """schedule (or "asan") -> an emulated CUDA backend, kernels compiled once per module."""
-    backends: dict[str, CUDABackend] = {}
-
-    def get(schedule: str) -> CUDABackend:
-        if schedule not in backends:
-            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
-            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
-        return backends[schedule]
-
-    return get
-
-
-def assert_matches(results, dtype: str) -> None:
-    ok, worst = compare(*results, dtype)
-    assert ok, f"max error {worst:.2f} x the {dtype} tolerance"
 
 
 def in_features_for(fmt: str) -> int:

@@ -124,6 +124,48 @@ def test_echo_prefixes_the_prompt(client, llm):
     assert response.choices[0].text == PROMPT + expected
 
 
+def test_echo_with_logprobs_gives_the_prompt_tokens_their_logprobs(client, llm):
+    """vLLM's answer: the prompt's tokens lead `logprobs`, the first one with null entries."""
+    params = greedy(3, logprobs=2, prompt_logprobs=2)
+    expected = llm.generate(PROMPT, params, use_tqdm=False)[0]
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    choice = response.choices[0]
+    assert choice.text == PROMPT + expected.outputs[0].text
+    ids = expected.prompt_token_ids
+    prompt_lps = [entry[token].logprob for entry, token in zip(expected.prompt_logprobs[1:], ids[1:], strict=True)]  # fmt: skip
+    sampled = [entry.logprob for entry in expected.outputs[0].logprobs]
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(prompt_lps + sampled, abs=1e-4)
+    assert len(logprobs.tokens) == len(ids) + 3
+    assert all(2 <= len(top) <= 3 for top in logprobs.top_logprobs[1:])
+    lengths = [len(t) for t in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+    # Streamed, the first chunk carries the prompt's entries: the same lists in the end.
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2,
+        stream=True,
+    )  # fmt: skip
+    chunks = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert sum((c.token_logprobs for c in chunks), []) == logprobs.token_logprobs
+    assert sum((c.tokens for c in chunks), []) == logprobs.tokens
+
+
+def test_prompt_logprobs_field_gives_vllms_shape(server, llm):
+    expected = llm.generate(PROMPT, greedy(1, prompt_logprobs=1), use_tqdm=False)[0]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}  # fmt: skip
+    scored = server.post(COMP, body).json()["choices"][0]["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(expected.prompt_logprobs)
+    for got, entry in zip(scored[1:], expected.prompt_logprobs[1:], strict=True):
+        assert list(got) == [str(t) for t in entry]  # the prompt's token first
+        for token_id, logprob in entry.items():
+            assert got[str(token_id)]["rank"] == logprob.rank
+            assert got[str(token_id)]["decoded_token"] == logprob.decoded_token
+            assert got[str(token_id)]["logprob"] == pytest.approx(logprob.logprob, abs=1e-4)
+
+
 def test_stop_string_ends_the_text_before_it(client, llm):
     full = llm.generate(PROMPT, greedy(30, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
     stop = full[5:7]
@@ -229,7 +271,12 @@ def test_metrics_counters_move_as_requests_complete(server, client):
     assert moved("vllm:request_success_total", (("finished_reason", "length"),)) == 1
     assert moved("vllm:e2e_request_latency_seconds_count") == 1
     assert moved("vllm:time_to_first_token_seconds_count") == 1
-    assert moved("vllm:time_per_output_token_seconds_count") == 1
+    # Per token after the first (vLLM's inter-token latency, and its deprecated name)...
+    assert moved("vllm:inter_token_latency_seconds_count") == 4
+    assert moved("vllm:time_per_output_token_seconds_count") == 4
+    # ... and once per request.
+    assert moved("vllm:request_time_per_output_token_seconds_count") == 1
+    assert moved("vllm:request_generation_tokens_sum") == 5
     assert after[("vllm:num_requests_running", ())] == 0
     assert after[("vllm:kv_cache_usage_perc", ())] == 0
 
@@ -295,7 +342,22 @@ BAD_REQUESTS = [
         "stop_token_ids",
     ),  # fmt: skip
     ("logprobs-21", COMP, {"prompt": "x", "logprobs": 21}, {}, 400, "logprobs"),
-    ("echo-with-logprobs", COMP, {"prompt": "x", "echo": True, "logprobs": 1}, {}, 400, "echo"),
+    (
+        "prompt-logprobs-streamed",
+        COMP,
+        {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
+    (
+        "prompt-logprobs-21",
+        CHAT,
+        {"messages": USER, "prompt_logprobs": 21},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
     (
         "top-logprobs-without-logprobs",
         CHAT,

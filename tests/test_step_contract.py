@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,39 @@ def test_auto_kv_cache_sizing_counts_the_draft_model(checkpoint_factory, monkeyp
     # ...and their blocks are sized together: the target alone would have taken more blocks.
     alone = LLM(target, **args)
     assert llm.engine.block_manager.num_blocks < alone.engine.block_manager.num_blocks
+
+
+# ---- a slow stream ----------------------------------------------------------------------------
+def queued_bytes(llm: LLM, max_tokens: int) -> tuple[int, int]:
+    """A stream (n=4, 5 logprobs a token) whose client reads nothing until generation ends:
+    (bytes the server's engine thread left queued for it, tokens generated)."""
+    import pickle
+
+    from nanovllm.server.engine_thread import EngineThread
+
+    thread = EngineThread(llm.engine)
+    thread.start()
+    try:
+        params = SamplingParams(n=4, max_tokens=max_tokens, logprobs=5, ignore_eos=True,
+                                temperature=1.0, output_kind=RequestOutputKind.DELTA)  # fmt: skip
+        sub = thread.submit([prompt_ids(8)], params, True)
+        deadline = time.monotonic() + 120
+        while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        queued = []
+        while not sub.outputs.empty():
+            queued.append(sub.outputs.get_nowait())
+        tokens = sum(len(c.token_ids) for _, out in queued for c in out.outputs)
+        return len(pickle.dumps(queued)), tokens
+    finally:
+        thread.stop()
+
+
+def test_a_stream_nobody_reads_queues_memory_in_proportion_to_its_length(model_path):
+    """The server streams DELTA outputs: what waits for a slow client grows linearly with the
+    stream (CUMULATIVE outputs, each holding everything so far, grew with its square)."""
+    llm = LLM(model_path, device="cpu", num_blocks=256, block_size=4)  # no preemption
+    short_bytes, short_tokens = queued_bytes(llm, 40)
+    long_bytes, long_tokens = queued_bytes(llm, 160)
+    assert (short_tokens, long_tokens) == (160, 640)
+    assert long_bytes < 4.6 * short_bytes  # linear: ~4x; quadratic would be ~16x

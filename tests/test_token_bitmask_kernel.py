@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from nanovllm.backends.cpu_reference import ReferenceBackend
-from nanovllm.backends.cuda import CUDABackend
 from nanovllm.backends.kernel_cases import DTYPES, case_apply_token_bitmask, compare
 from nanovllm.structured.bitmask import (
     allocate_bitmask,
@@ -27,19 +26,6 @@ CASES = {
     # Masks narrower than the vocabulary: the tokens past them are forbidden.
     "short_masks": dict(vocab=700, logits_rows=2, rows=(1,), extra_words=-3),
 }
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    backends: dict[str, CUDABackend] = {}
-
-    def get(schedule: str) -> CUDABackend:
-        if schedule not in backends:
-            options = {"sanitize": True} if schedule == "asan" else {"schedule": schedule}
-            backends[schedule] = CUDABackend("float32", emulated=True, emulator_options=options)
-        return backends[schedule]
-
-    return get
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

@@ -7,6 +7,7 @@ import numpy as np
 
 from nanovllm.backends.base import Backend
 from nanovllm.errors import NanovllmError
+from nanovllm.extras import require_cuda_extra
 
 
 def cuda_available() -> bool:
@@ -47,6 +48,8 @@ def get_backend(
         return ReferenceBackend(np.float32)
     if device in ("cuda", "cuda-emulated"):
         from nanovllm.backends.cuda import CUDABackend
+
+        require_cuda_extra(f"--device {device}")
 
         return CUDABackend(dtype, emulated=device == "cuda-emulated", quantization=quantization)
     raise NanovllmError(f"unknown device {device!r}; use cpu, cpu-reference, cuda or cuda-emulated")

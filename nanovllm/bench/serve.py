@@ -280,9 +280,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_bench_parser(kinds) -> None:
     sv = kinds.add_parser("serve", help="latency and throughput of a running server")
-    sv.add_argument("--url", default="http://127.0.0.1:8000")
-    sv.add_argument("--api-key", default=None)
-    sv.add_argument("--num-prompts", type=int, default=64)
+    sv.add_argument("--url", default="http://127.0.0.1:8000", help="the running server's base URL")
+    sv.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
+    sv.add_argument("--num-prompts", type=int, default=64, help="requests to send")
     sv.add_argument("--input-len", type=parse_range, default=(32, 128), help="N or MIN:MAX tokens")
     sv.add_argument("--output-len", type=parse_range, default=(32, 128), help="N or MIN:MAX tokens")
     load = sv.add_mutually_exclusive_group()
@@ -292,6 +292,8 @@ def add_serve_bench_parser(kinds) -> None:
     load.add_argument(
         "--request-rate", type=float, default=None, help="Poisson arrivals per second"
     )
-    sv.add_argument("--bench-seed", type=int, default=0)
-    sv.add_argument("--json", action="store_true")
+    sv.add_argument(
+        "--bench-seed", type=int, default=0, help="seed of the random prompts and lengths"
+    )
+    sv.add_argument("--json", action="store_true", help="print one JSON object")
     sv.set_defaults(func=cmd_serve)

@@ -15,6 +15,10 @@ built.
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from nanovllm.backends import get_backend
@@ -22,13 +26,13 @@ from nanovllm.backends.base import Backend
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.llm_engine import LLMEngine, ModelInfo
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.model_runner import ModelRunner, allocate_kv_cache
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.sampler import Sampler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.spec_decode import DraftProposer, NgramProposer
 from nanovllm.errors import NanovllmError
-from nanovllm.models.loader import Checkpoint, build_model, load_checkpoint
+from nanovllm.models.loader import Checkpoint, build_model, check_model_exists, load_checkpoint
 from nanovllm.models.model_config import ModelConfig
 
 DEFAULT_NUM_BLOCKS = 512  # `--num-blocks auto` without device memory to size from
@@ -42,19 +46,32 @@ class Models:
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
-    checkpoint = load_checkpoint(config.model, config.tokenizer)
-    draft = load_checkpoint(config.draft_model) if config.speculative_method == "draft" else None
+    """Each phase logs its duration at INFO (`nanovllm serve` and `generate` show them)."""
+    start = time.perf_counter()
+    # First what fails without reading anything: a missing path, a device or dtype the
+    # backend cannot serve.
+    for model in (config.model, config.draft_model):
+        if model is not None:
+            check_model_exists(model)
+    backend = get_backend(config.device, config.dtype, quantization=config.quantization)
+    logger.info("set up the %s backend in %.1f s", backend.name, time.perf_counter() - start)
+    with phase(f"reading {config.model} (config, tokenizer)", f"read {config.model}"):
+        checkpoint = load_checkpoint(config.model, config.tokenizer)
+        wants_draft = config.speculative_method == "draft"
+        draft = load_checkpoint(config.draft_model) if wants_draft else None
     if draft is not None:
         _check_draft_vocabulary(config, checkpoint.config, draft.config)
-    backend = get_backend(config.device, config.dtype, quantization=config.quantization)
     configs = [checkpoint.config] + ([draft.config] if draft is not None else [])
     for model_config in configs:
         backend.check_model(model_config)  # before loading: refuse what it has no kernel for
     limit = length_limit(config, checkpoint.config)
-    models = Models(
-        build_model(checkpoint, backend, limit),
-        build_model(draft, backend, limit) if draft is not None else None,
-    )
+    if config.tensor_parallel_size > 1:
+        return _sharded_engine(config, checkpoint, backend, limit)
+    with phase("loading the weights", "loaded the weights"):
+        models = Models(
+            build_model(checkpoint, backend, limit, weight_progress),
+            build_model(draft, backend, limit, weight_progress) if draft is not None else None,
+        )
     _report_weights(backend, models)
     if backend.needs_startup_check:
         from nanovllm.backends.self_check import LoadedForCheck, startup_self_check
@@ -62,8 +79,35 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         loaded = [LoadedForCheck(models.target, checkpoint, config.model)]
         if draft is not None:
             loaded.append(LoadedForCheck(models.draft, draft, config.draft_model))
-        startup_self_check(backend, sorted({c.head_dim for c in configs}), loaded)
-    return assemble(config, model_info(checkpoint, limit), backend, models)
+        with phase("checking the kernels and the model on the device", "start-up self-check"):
+            startup_self_check(backend, sorted({c.head_dim for c in configs}), loaded)
+    engine = assemble(config, model_info(checkpoint, limit), backend, models)
+    logger.info(
+        "engine ready in %.1f s: %s on %s, KV cache of %d blocks x %d tokens, max_model_len %d",
+        time.perf_counter() - start, checkpoint.config.architecture, backend.name,
+        engine.block_manager.num_blocks, config.block_size, engine.max_model_len,
+    )  # fmt: skip
+    return engine
+
+
+@contextmanager
+def phase(doing: str, done: str) -> Iterator[None]:
+    """Log what starts, then what was done with its duration (a phase may take seconds)."""
+    start = time.perf_counter()
+    logger.info("%s ...", doing)
+    yield
+    logger.info("%s in %.1f s", done, time.perf_counter() - start)
+
+
+def weight_progress(weights: Iterator, total: int | None) -> Iterator:
+    """A progress bar over the checkpoint's tensors, on a terminal that shows INFO logs."""
+    if not (logger.isEnabledFor(logging.INFO) and sys.stderr.isatty()):
+        return weights
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return weights
+    return tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False)
 
 
 def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Models) -> LLMEngine:
@@ -72,9 +116,10 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     configs = [models.target.config] + ([models.draft.config] if models.draft else [])
     loaded = [models.target] + ([models.draft] if models.draft else [])
     num_blocks = num_kv_blocks(config, backend, configs, loaded)
-    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks)
+    window = attention_window(configs)
+    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, window)
     eos = info.eos_token_ids
-    k = config.num_speculative_tokens if config.speculative_method else 0
+    k = num_speculative_slots(config)
     runner = ModelRunner(
         models.target,
         backend,
@@ -87,9 +132,38 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     )
     if backend.supports_decode_graphs and not config.enforce_eager:
         runner.enable_decode_graphs(config.max_num_seqs, info.max_model_len)
+    return _engine_around(config, info, runner, num_blocks, window)
+
+
+def _sharded_engine(
+    config: EngineConfig, checkpoint: Checkpoint, backend: Backend, limit: int
+) -> LLMEngine:
+    """The engine with its model split over tensor-parallel ranks: the ranks hold the weights
+    and the KV cache (nanovllm/distributed/tensor_parallel.py); the rest is the usual engine."""
+    from nanovllm.distributed.tensor_parallel import TensorParallelRunner, start_ranks
+
+    ranks, backend = start_ranks(config, checkpoint, backend, limit)
+    num_blocks = config.num_blocks
+    if num_blocks == "auto":
+        num_blocks = ranks.num_kv_blocks(config) or DEFAULT_NUM_BLOCKS
+    ranks.allocate_kv_cache(num_blocks, config.block_size)
+    window = attention_window([checkpoint.config])
+    info = model_info(checkpoint, _fit_length(config, limit, num_blocks, window))
+    runner = TensorParallelRunner(
+        ranks, checkpoint.config, backend, config.block_size, Sampler(config.seed, backend),
+        info.eos_token_ids, ngram_proposer(config), num_speculative_slots(config),
+    )  # fmt: skip
+    return _engine_around(config, info, runner, num_blocks, window)
+
+
+def _engine_around(
+    config: EngineConfig, info: ModelInfo, runner: ModelRunner, num_blocks: int, window: int
+) -> LLMEngine:
+    """The engine's policy and bookkeeping parts around a ready runner and its KV cache."""
     manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(config, manager, k, info.max_model_len)
-    processor = OutputProcessor(info.tokenizer, eos, info.max_model_len)
+    k = num_speculative_slots(config)
+    scheduler = Scheduler(config, manager, k, info.max_model_len, window)
+    processor = OutputProcessor(info.tokenizer, info.eos_token_ids, info.max_model_len)
     return LLMEngine(config, info, scheduler, runner, processor)
 
 
@@ -101,6 +175,10 @@ def _report_weights(backend: Backend, models: Models) -> None:
         if model is not None:
             memory = weight_memory(model)
             logger.info("%s weights: %s in %s memory", role, memory.describe(), where)
+
+
+def num_speculative_slots(config: EngineConfig) -> int:
+    return config.num_speculative_tokens if config.speculative_method else 0
 
 
 def model_info(checkpoint: Checkpoint, max_model_len: int) -> ModelInfo:
@@ -133,8 +211,19 @@ def length_limit(config: EngineConfig, model_config: ModelConfig) -> int:
     return config.max_model_len or limit
 
 
-def _fit_length(config: EngineConfig, limit: int, num_blocks: int) -> int:
+def attention_window(configs: list[ModelConfig]) -> int:
+    """The widest window when every layer of every model (target and draft share block tables)
+    attends through one; 0 when any layer attends to everything."""
+    windows = [c.window(layer) for c in configs for layer in range(c.num_layers)]
+    return max(windows) if windows and min(windows) > 0 else 0
+
+
+def _fit_length(config: EngineConfig, limit: int, num_blocks: int, window: int = 0) -> int:
     capacity = num_blocks * config.block_size
+    # A windowed sequence holds its window, one step's tokens and a block kept for the prefix
+    # cache, however long it grows: with that much room, the model's own limit stands.
+    if window and capacity >= window + config.max_num_batched_tokens + 2 * config.block_size:
+        return limit
     if config.max_model_len is not None and config.max_model_len > capacity:
         raise NanovllmError(
             f"max_model_len {config.max_model_len} exceeds the KV cache capacity of {capacity} "
@@ -175,21 +264,18 @@ def num_kv_blocks(
     return blocks
 
 
-def allocate_kv_cache(
-    backend: Backend, model_config: ModelConfig, num_blocks: int, block_size: int
-):
-    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
-
-
 def _proposer(config: EngineConfig, backend: Backend, draft, num_blocks: int, eos: list[int]):
-    if config.speculative_method == "ngram":
-        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.speculative_method != "draft":
-        return None
+        return ngram_proposer(config)
     kv = allocate_kv_cache(backend, draft.config, num_blocks, config.block_size)
     runner = ModelRunner(draft, backend, kv, config.block_size, Sampler(config.seed + 1, backend), eos)  # fmt: skip
     return DraftProposer(runner, eos)
+
+
+def ngram_proposer(config: EngineConfig) -> NgramProposer | None:
+    if config.speculative_method != "ngram":
+        return None
+    return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
 
 
 def _check_draft_vocabulary(config: EngineConfig, target: ModelConfig, draft: ModelConfig) -> None:

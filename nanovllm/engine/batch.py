@@ -21,13 +21,21 @@ from nanovllm.engine.step import Proposal, ScheduledSeq
 
 @dataclass(slots=True)
 class ForwardItem:
-    """Tokens of one sequence to run from position `start`; the last `num_logits` need logits."""
+    """Tokens of one sequence to run from position `start`; the last `num_logits` need logits
+    to sample from, the `num_prompt_logits` rows before them score the prompt's next tokens."""
 
     seq: Sequence
     start: int
     token_ids: list[int]
     num_logits: int
     proposal: Proposal | None = None  # guesses verified in this item (its last len + 1 rows)
+    num_prompt_logits: int = 0
+
+    @property
+    def prompt_targets(self) -> list[int]:
+        """The prompt tokens its prompt rows score: row p predicts the token at p + 1."""
+        first = self.start + 1
+        return self.seq.token_ids[first : first + self.num_prompt_logits]
 
     @property
     def num_proposed(self) -> int:
@@ -38,11 +46,15 @@ def forward_item(item: ScheduledSeq, proposal: Proposal | None) -> ForwardItem:
     """What to run for a scheduled sequence: its next known tokens, or with a proposal its last
     token followed by the guesses (each of the k + 1 positions needs logits)."""
     seq, start = item.seq, item.seq.num_computed_tokens
+    token_ids = seq.token_ids
     if proposal is not None:
-        tokens = [seq.token_ids[-1], *proposal.token_ids]
+        tokens = [token_ids[-1], *proposal.token_ids]
         return ForwardItem(seq, start, tokens, len(tokens), proposal)
-    tokens = seq.token_ids[start : start + min(item.num_tokens, seq.num_tokens - start)]
-    return ForwardItem(seq, start, tokens, 1 if start + len(tokens) == seq.num_tokens else 0)
+    end = min(start + item.num_tokens, len(token_ids))
+    num_logits = 1 if end == len(token_ids) else 0
+    # Every other row of a prefill chunk scores a prompt token when the request asked for it.
+    scored = end - start - num_logits if seq.wants_prompt_logprobs else 0
+    return ForwardItem(seq, start, token_ids[start:end], num_logits, num_prompt_logits=scored)
 
 
 @dataclass(slots=True)
@@ -50,13 +62,14 @@ class StepInputs:
     input_ids: np.ndarray
     positions: np.ndarray
     attention: AttentionInputs
-    logits_rows: np.ndarray  # flat-batch rows that go through the LM head
+    logits_rows: np.ndarray  # flat-batch rows that go through the LM head to be sampled
+    prompt_rows: np.ndarray  # flat-batch rows whose logits score prompt tokens
 
 
 def prepare(items: list[ForwardItem], block_size: int) -> StepInputs:
     """The flat batch of a step, on the host."""
     ids, positions, slots = [], [], []
-    query_start, context_lens, logits_rows = [0], [], []
+    query_start, context_lens, logits_rows, prompt_rows = [0], [], [], []
     for item in items:
         start, end = item.start, item.start + len(item.token_ids)
         ids.extend(item.token_ids)
@@ -71,6 +84,7 @@ def prepare(items: list[ForwardItem], block_size: int) -> StepInputs:
         query_start.append(query_start[-1] + end - start)
         context_lens.append(end)
         logits_rows.extend(range(query_start[-1] - item.num_logits, query_start[-1]))
+        prompt_rows.extend(range(query_start[-2], query_start[-2] + item.num_prompt_logits))
     return StepInputs(
         input_ids=np.asarray(ids, dtype=np.int64),
         positions=np.asarray(positions, dtype=np.int64),
@@ -78,6 +92,7 @@ def prepare(items: list[ForwardItem], block_size: int) -> StepInputs:
             slots, block_tables([item.seq.block_table for item in items]), query_start, context_lens
         ),
         logits_rows=np.asarray(logits_rows, dtype=np.int64),
+        prompt_rows=np.asarray(prompt_rows, dtype=np.int64),
     )
 
 

@@ -108,11 +108,12 @@ class IncrementalDetokenizer:
     def _emit(self, new_text: str, check_stop: bool = True) -> None:
         if not new_text:
             return
+        if not self.stop or not check_stop:
+            self.buffer.append(new_text)
+            return
         start = max(self.buffer.length - self.holdback, 0)
         searched = self.buffer.since(start) + new_text
         self.buffer.append(new_text)
-        if not check_stop:
-            return
         match = self.stop_strings.first(searched, len(searched) - len(new_text))
         if match is not None:
             index, self.matched_stop = match

@@ -24,7 +24,8 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Request, Sequence, sequence_generator
-from nanovllm.engine.stats import EngineSnapshot, EngineStats, SequenceView
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats, SequenceView
+from nanovllm.engine.step import SchedulerOutput
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -155,6 +156,7 @@ class LLMEngine:
         if not scheduled:
             return []
         self._num_steps += 1
+        _mark_scheduled(scheduled, time.monotonic())
         result = self.runner.execute(scheduled)
         touched = self.processor.process(scheduled, result, time.monotonic())
         self.scheduler.update(scheduled, result)
@@ -170,6 +172,11 @@ class LLMEngine:
                 self._spawn(request)
 
     # ---- stats -----------------------------------------------------------------------------
+    @property
+    def iteration_stats(self) -> IterationStats:
+        """What the latest step did (first tokens, inter-token latencies, tokens run)."""
+        return self.processor.iteration
+
     def stats(self) -> EngineStats:
         manager, counters, spec = (
             self.block_manager,
@@ -202,7 +209,7 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 output_tokens=seq.num_output_tokens,
                 computed_tokens=seq.num_computed_tokens,
-                num_blocks=len(seq.block_table),
+                num_blocks=self.block_manager.held_blocks(seq),
                 age_s=now - seq.request.arrival_time,
             )
             for state, seqs in (
@@ -212,3 +219,11 @@ class LLMEngine:
             for seq in seqs
         ]
         return EngineSnapshot(views, self.block_manager.block_states())
+
+
+def _mark_scheduled(step: SchedulerOutput, now: float) -> None:
+    """A request's queue time ends when one of its sequences is first scheduled."""
+    for item in step.scheduled:
+        request = item.seq.request
+        if request.scheduled_time is None:
+            request.scheduled_time = now

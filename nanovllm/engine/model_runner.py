@@ -1,7 +1,8 @@
 """ModelRunner: all array work of a step. `execute` takes the scheduler's record of the step,
 asks the proposer for guesses, runs the model once over the mixed batch (eagerly, or as a
-captured decode graph), masks constrained rows, and samples: plain decoding is verification
-with k = 0, so every sequence goes through the sampler's one `verify`.
+captured decode graph), scores the prompt rows of prefills that asked for prompt logprobs,
+masks constrained rows, and samples: plain decoding is verification with k = 0, so every
+sequence goes through the sampler's one `verify`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,27 @@ from nanovllm.backends.base import AttentionMetadata, Backend
 from nanovllm.engine.batch import ForwardItem, StepInputs, forward_item, prepare, sampling_row
 from nanovllm.engine.constraints import bitmask_words
 from nanovllm.engine.cuda_graphs import DecodeGraphRunner
+from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.engine.numerics import (
     NonFiniteLogitsError,
     all_finite,
     first_nonfinite,
     nonfinite_message,
 )
+from nanovllm.engine.prompt_logprobs import prompt_logprobs
 from nanovllm.engine.sampler import SampledTokens, Sampler, VerifyGroup
 from nanovllm.engine.spec_decode import Proposer, SpecStats, roll_back_draft
 from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
 
 KVCache = tuple[object, object]
+
+
+def allocate_kv_cache(
+    backend: Backend, model_config, num_blocks: int, block_size: int
+) -> list[KVCache]:
+    """A model's KV cache: one (K, V) pair per layer, [num_blocks, block_size, Hkv, D] each."""
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
 
 
 class ModelRunner:
@@ -59,13 +70,21 @@ class ModelRunner:
         wanted = [item for item in step.scheduled if item.num_spec_tokens]
         proposals = self.proposer.propose(wanted) if self.proposer and wanted else {}
         items = [forward_item(item, proposals.get(item.seq)) for item in step.scheduled]
-        logits = self.logits(items)
+        logits, scored = self._run(items)
         sampled = iter(self._sample(items, logits))
-        return RunnerOutput([self._result(item, next(sampled)) for item in items])
+        return RunnerOutput(
+            [
+                self._result(item, next(sampled), lps)
+                for item, lps in zip(items, scored, strict=True)
+            ]
+        )
 
-    def _result(self, item: ForwardItem, sampled: SampledTokens | None) -> SampledSeq:
+    def _result(
+        self, item: ForwardItem, sampled: SampledTokens | None, scored: list[TokenLogprobs]
+    ) -> SampledSeq:
+        prompt = {"prompt_logprobs": scored, "prompt_logprobs_start": item.start + 1}
         if sampled is None:  # mid-prefill: nothing to sample yet
-            return SampledSeq([], [], len(item.token_ids))
+            return SampledSeq([], [], len(item.token_ids), **prompt)
         k = item.num_proposed
         if item.proposal is not None:
             self.spec_stats.record(k, sampled.num_accepted)
@@ -76,6 +95,7 @@ class ModelRunner:
             num_computed=len(item.token_ids) - (k - sampled.num_accepted),
             num_drafted=k,
             num_accepted=sampled.num_accepted,
+            **prompt,
         )
 
     def _sample(self, items: list[ForwardItem], logits) -> list[SampledTokens | None]:
@@ -111,20 +131,27 @@ class ModelRunner:
 
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):
-        """Run the model once over all items; float32 logits of the requested rows, in order.
+        """Run the model once over all items; float32 logits of the rows to sample, in order.
         They stay on the backend (a GPU's sampler works on them there). Logits that are not
         finite stop the step (nanovllm/engine/numerics.py)."""
+        return self._run(items)[0]
+
+    def eager_logits(self, items: list[ForwardItem]):
+        return self._eager(items)[0]
+
+    def _run(self, items: list[ForwardItem]) -> tuple[object, list[list[TokenLogprobs]]]:
+        """The logits to sample, and per item the logprobs of the prompt tokens it scored."""
         graphs = self.decode_graphs
-        if graphs is not None and graphs.accepts(items):
+        if graphs is not None and graphs.accepts(items):  # decodes only: no prompt rows
             logits = graphs.logits(items)
             if all_finite(self.backend.xp, logits):
-                return logits
+                return logits, [[] for _ in items]
             # A replay gone wrong must not be mistaken for the model's overflow.
             graphs.fall_back("a replay gave logits that are not finite")
-        logits = self.eager_logits(items)
+        logits, scored = self._eager(items)
         if not all_finite(self.backend.xp, logits):
             self._report_nonfinite(items, logits)
-        return logits
+        return logits, scored
 
     def _report_nonfinite(self, items: list[ForwardItem], logits) -> None:
         xp = self.backend.xp
@@ -136,14 +163,15 @@ class ModelRunner:
             nonfinite_message(bad, len(logits), where, layers, self.backend.dtype)
         )
 
-    def eager_logits(self, items: list[ForwardItem]):
+    def _eager(self, items: list[ForwardItem]) -> tuple[object, list[list[TokenLogprobs]]]:
         inputs = prepare(items, self.block_size)
         hidden = self.forward(inputs)
+        scored = prompt_logprobs(self.model, self.backend, hidden, inputs, items)
         xp = self.backend.xp
         if not len(inputs.logits_rows):
-            return xp.empty((0, self.model.config.vocab_size), dtype=xp.float32)
+            return xp.empty((0, self.model.config.vocab_size), dtype=xp.float32), scored
         logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
-        return logits.astype(xp.float32, copy=False)
+        return logits.astype(xp.float32, copy=False), scored
 
     def forward(self, inputs: StepInputs, inspect=None):
         upload, host = self.backend.asarray, inputs.attention

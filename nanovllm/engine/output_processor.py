@@ -15,11 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.sampler import TokenLogprobs
+from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.engine.sequence import Request, Sequence
+from nanovllm.engine.stats import IterationStats
 from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
 from nanovllm.models.tokenizer import Tokenizer
-from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from nanovllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from nanovllm.sampling_params import RequestOutputKind
 
 
@@ -37,6 +44,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.counters = TokenCounters()
         self.step_index = 0
+        self.iteration = IterationStats()  # the latest step's
 
     def add_sequence(self, seq: Sequence) -> None:
         params = seq.params
@@ -52,8 +60,11 @@ class OutputProcessor:
     def process(self, step: SchedulerOutput, result: RunnerOutput, now: float) -> list[Request]:
         """Append the step's tokens; the requests that have an output to report, in order."""
         self.step_index += 1
+        self.iteration = IterationStats(num_tokens=step.num_tokens)
         touched: dict[str, Request] = {}
         for item, sampled in zip(step.scheduled, result.seqs, strict=True):
+            if sampled.prompt_logprobs:
+                _add_prompt_logprobs(item.seq.request, sampled)
             if sampled.token_ids:
                 self._append_all(item.seq, sampled, now)
                 if self._reports(item.seq):
@@ -66,11 +77,16 @@ class OutputProcessor:
             seq.first_token_time = now
             if seq.index == 0:
                 self.counters.prompt_tokens += seq.num_prompt_tokens
+                self.iteration.time_to_first_tokens.append(now - seq.request.arrival_time)
+        else:
+            self.iteration.inter_token_latencies.append(now - seq.last_token_time)
+        seq.last_token_time = now
         for token, logprobs in zip(sampled.token_ids, sampled.logprobs, strict=True):
             self._append(seq, token, logprobs)
             if seq.finish_reason is not None:
                 break
-        seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
+        if seq.params.output_kind is not RequestOutputKind.FINAL_ONLY:  # else nobody reads it
+            seq.delta_text = seq.detokenizer.take_delta(seq.finish_reason is not None)
         request = seq.request
         if seq.finish_reason is not None and request.is_finished:
             request.finish_time = now
@@ -124,28 +140,47 @@ class OutputProcessor:
     # ---- outputs -------------------------------------------------------------------------------
     def output(self, request: Request) -> RequestOutput:
         """The request's RequestOutput after the latest step; changes nothing."""
-        first_times = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
-        metrics = RequestMetrics(
-            arrival_time=request.arrival_time,
-            first_token_time=min(first_times) if first_times else None,
-            finish_time=request.finish_time,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_generation_tokens=sum(s.num_output_tokens for s in request.seqs),
-        )
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             outputs=[self._completion(seq) for seq in request.seqs],
             finished=request.is_finished,
-            metrics=metrics,
+            metrics=_metrics(request),
+            prompt_logprobs=self._prompt_logprobs(request),
         )
 
+    def _prompt_logprobs(self, request: Request) -> PromptLogprobs | None:
+        """vLLM's shape; a DELTA request gets them once, with its first output."""
+        if request.params.prompt_logprobs is None:
+            return None
+        first = request.seqs[0]
+        if request.params.output_kind is RequestOutputKind.DELTA and not (
+            first.delta_step == self.step_index and first.delta_start == 0
+        ):
+            return None
+        return [None] + [self._logprob_dict(entry) for entry in request.prompt_logprobs]
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        """The scored token first, then the most likely ones (vLLM's order)."""
+
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+        out = {entry.token_id: Logprob(entry.logprob, entry.rank, text(entry.token_id))}
+        for rank, (token_id, logprob) in enumerate(entry.top, 1):
+            if token_id not in out:
+                out[token_id] = Logprob(logprob, rank, text(token_id))
+        return out
+
     def _completion(self, seq: Sequence) -> CompletionOutput:
-        current = seq.delta_step == self.step_index  # else the latest step added nothing to it
-        start = seq.delta_start if current else seq.num_output_tokens
+        if seq.params.output_kind is RequestOutputKind.FINAL_ONLY:  # its one output: everything
+            start, delta_text = 0, seq.detokenizer.text
+        elif seq.delta_step == self.step_index:
+            start, delta_text = seq.delta_start, seq.delta_text
+        else:  # the latest step added nothing to this sample
+            start, delta_text = seq.num_output_tokens, ""
         delta_ids = seq.token_ids[seq.num_prompt_tokens + start :]
-        delta_text = seq.delta_text if current else ""
         want_logprobs = seq.params.logprobs is not None
         delta_logprobs = seq.logprobs[start:] if want_logprobs else None
         if seq.params.output_kind is RequestOutputKind.DELTA:
@@ -164,3 +199,27 @@ class OutputProcessor:
             delta_token_ids=delta_ids,
             delta_logprobs=delta_logprobs,
         )
+
+
+def _add_prompt_logprobs(request: Request, sampled: SampledSeq) -> None:
+    """Keep the entries of prompt tokens not scored yet: a prefill recomputed after preemption
+    scores its first tokens again."""
+    skip = len(request.prompt_logprobs) + 1 - sampled.prompt_logprobs_start
+    if skip >= 0:
+        request.prompt_logprobs.extend(sampled.prompt_logprobs[skip:])
+
+
+def _metrics(request: Request) -> RequestMetrics:
+    seqs = request.seqs
+    first_times = [s.first_token_time for s in seqs if s.first_token_time is not None]
+    last_times = [s.last_token_time for s in seqs if s.last_token_time is not None]
+    return RequestMetrics(
+        arrival_time=request.arrival_time,
+        first_token_time=min(first_times) if first_times else None,
+        finish_time=request.finish_time,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_generation_tokens=sum(s.num_output_tokens for s in seqs),
+        scheduled_time=request.scheduled_time,
+        last_token_time=max(last_times) if last_times else None,
+        max_num_generation_tokens=max((s.num_output_tokens for s in seqs), default=0),
+    )

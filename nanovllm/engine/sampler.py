@@ -19,22 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanovllm.engine.distribution import largest_ids, largest_sorted, search_cdf
+from nanovllm.engine.distribution import largest_sorted, search_cdf
 from nanovllm.engine.logits_processors import SamplingRow, column, penalized
+from nanovllm.engine.logprobs import TokenLogprobs, ranked_logprobs
 from nanovllm.engine.rejection import rejection_sample
 
 __all__ = ["Sampler", "SamplingRow", "TokenLogprobs", "SampleOutput", "VerifyGroup"]
 
 # How many of a row's best tokens are sorted first when looking for its top_p nucleus.
 _NUCLEUS_CANDIDATES = 2048
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    token_id: int  # the sampled token
-    logprob: float
-    rank: int  # 1 = most likely; tokens tied with it count as better (vLLM)
-    top: list[tuple[int, float]]  # params.logprobs most likely (id, logprob), best first
 
 
 @dataclass(slots=True)
@@ -244,24 +237,10 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if not len(want):
             return out
-        xp = self.xp
-        x = _take(xp.asarray(logits, dtype=xp.float32), want)
-        top = x.max(axis=1, keepdims=True)
-        log_total = top + xp.log(xp.exp(x - top).sum(axis=1, keepdims=True))
-        chosen = x[xp.arange(len(want)), xp.asarray(token_ids[want])]
-        # Ranks compare raw logits: same order as logprobs, without rounding that merges values.
-        ranks = self.backend.to_numpy(
-            (x >= chosen[:, None]).sum(axis=1)
-        )  # vLLM counts ties as better
-        chosen = self.backend.to_numpy(chosen - log_total[:, 0])
-        n = min(max(rows[i].params.logprobs for i in want), x.shape[1])
-        top_ids = largest_ids(xp, x, n)
-        top_lp = self.backend.to_numpy(xp.take_along_axis(x, top_ids, axis=1) - log_total)
-        top_ids = self.backend.to_numpy(top_ids)
-        for j, i in enumerate(want):
-            k = rows[i].params.logprobs
-            top = [(int(t), float(v)) for t, v in zip(top_ids[j, :k], top_lp[j, :k], strict=True)]
-            out[i] = TokenLogprobs(int(token_ids[i]), float(chosen[j]), int(ranks[j]), top)
+        counts = [rows[i].params.logprobs for i in want]
+        found = ranked_logprobs(self.backend, _take(logits, want), token_ids[want], counts)
+        for i, entry in zip(want, found, strict=True):
+            out[i] = entry
         return out
 
 

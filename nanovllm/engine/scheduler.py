@@ -26,11 +26,15 @@ class Scheduler:
         block_manager: BlockManager,
         num_speculative_tokens: int = 0,
         max_model_len: int | None = None,
+        attention_window: int = 0,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.num_speculative_tokens = num_speculative_tokens  # k: guesses a decode may verify
         self.max_model_len = max_model_len
+        # > 0: every layer attends to at most this many positions, so blocks wholly before a
+        # sequence's window go back to the pool as it advances.
+        self.attention_window = attention_window
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -59,8 +63,12 @@ class Scheduler:
             manager.cache_computed_blocks(seq)
             if seq.finish_reason is not None:
                 self.finish(seq)
-            elif len(seq.block_table) > manager.blocks_needed(seq.num_tokens):
+                continue
+            if len(seq.block_table) > manager.blocks_needed(seq.num_tokens):
                 manager.trim(seq, seq.num_tokens)  # slots of rejected guesses
+            if self.attention_window:
+                # The next query sits at num_computed_tokens and sees window - 1 positions back.
+                manager.release_before(seq, seq.num_computed_tokens - self.attention_window + 1)
 
     def spec_slots(self, seq: Sequence) -> int:
         """Speculative slots for a decoding seq: no more than it may still generate or fit."""
@@ -100,12 +108,16 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = manager.match_prefix(seq)
+            # A prompt that must be scored skips the prefix cache, as in vLLM V1: a cached
+            # block's positions would be computed by nobody, so they would have no logprobs.
+            scored = seq.wants_prompt_logprobs
+            hits = [] if scored else manager.match_prefix(seq)
             num_cached = len(hits) * manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
             if not manager.can_allocate(seq, num_cached + num_tokens, hits):
                 break
-            manager.record_query(seq.num_tokens, num_cached)
+            if not scored:
+                manager.record_query(seq.num_tokens, num_cached)
             manager.allocate(seq, num_cached + num_tokens, hits)
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING

@@ -30,12 +30,14 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of full, computed blocks
+    num_released_blocks: int = 0  # leading table entries released outside the window (holes)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[Any] = field(default_factory=list)
     detokenizer: Any = None  # set by the output processor
     constraint: Any = None  # a TokenConstraint on its next tokens (structured outputs), or None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     draft_computed: int = 0  # tokens whose KV the draft model holds (speculative decoding)
     # What the latest step that gave this sequence tokens added: from output token
     # `delta_start` on, and the text that became final.
@@ -51,6 +53,16 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prefill must score the prompt: the request asked for prompt logprobs (computed
+        by its first sample, once) and they are not complete yet."""
+        return (
+            self.index == 0
+            and self.params.prompt_logprobs is not None
+            and self.num_output_tokens == 0
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -90,6 +102,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     finish_time: float | None = None
+    scheduled_time: float | None = None  # when it first left the waiting queue
+    # TokenLogprobs of prompt tokens 1, 2, ... (the first token has none), with
+    # params.prompt_logprobs; filled by the prefill's steps.
+    prompt_logprobs: list[Any] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.engine.spec_decode import SpecStats
 
@@ -36,6 +36,17 @@ class EngineStats:
         return (
             self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
         )
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one step did, for latency histograms (vLLM's IterationStats): replaced every step,
+    so nothing accumulates when nobody reads it."""
+
+    num_tokens: int = 0  # token slots the step ran (prefill chunks, decodes, guesses)
+    time_to_first_tokens: list[float] = field(default_factory=list)  # requests that got one
+    # Per sequence that gained tokens and had some before: seconds since its previous ones.
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

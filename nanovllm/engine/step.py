@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanovllm.engine.sampler import TokenLogprobs
+from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.engine.sequence import Sequence
 
 
@@ -69,6 +69,10 @@ class SampledSeq:
     num_computed: int  # input tokens whose KV is now valid (a rejected draft's is not)
     num_drafted: int = 0
     num_accepted: int = 0
+    # Prompt logprobs computed this step (params.prompt_logprobs): entry i scores prompt token
+    # prompt_logprobs_start + i given the tokens before it.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs_start: int = 1
 
 
 @dataclass(slots=True)

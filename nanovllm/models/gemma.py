@@ -51,7 +51,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         attn = self._attention(index, layer, x, positions, meta, *kv_cache)
         attn, _ = ops.rms_norm(attn, layer.post_norm, eps)
         x, residual = ops.rms_norm(attn, layer.pre_ff_norm, eps, residual)
-        out, _ = ops.rms_norm(self._feed_forward(layer.mlp, x), layer.post_ff_norm, eps)
+        out, _ = ops.rms_norm(self._mlp(layer.mlp, x), layer.post_ff_norm, eps)
         return out, residual
 
     def _layer_keys(self, index: int) -> list[str]:

@@ -128,6 +128,11 @@ class GGUFCheckpoint:
     _tensors: list[_Tensor] = field(default_factory=list, repr=False)
     _map: mmap.mmap | None = field(default=None, repr=False)
 
+    @property
+    def num_weights(self) -> int:
+        """How many tensors weights() yields (stacked experts one by one)."""
+        return sum(tensor.experts or 1 for tensor in self._tensors)
+
     def weights(self) -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
         """(HF name, weight) pairs: a QuantizedTensor for each matrix, a float32 array for each
         vector, each read only when it is reached."""

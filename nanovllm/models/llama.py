@@ -11,6 +11,10 @@ models/moe.py): `_decoder_layer` (the residual/norm pattern), `_feed_forward` an
 `_build_mlp` (the MLP), `_norm` (how a norm weight is prepared), `_checkpoint_tensors`
 (checkpoint names to Llama's), `_layer_keys`/`_build_layer` (a layer's tensors). Per layer,
 the attention window comes from the config and the rotary table from `layer_cos_sin`.
+
+Tensor parallelism (models/sharding.py) adds one hook: with `parallel` set, the model is one
+rank's share (its config says how many heads and how wide), each checkpoint tensor is sliced as
+it arrives, and `_reduce` sums the partial outputs of o_proj and of the MLP over the ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from nanovllm.errors import ModelLoadError
 from nanovllm.models.model_config import ModelConfig
 from nanovllm.models.quantized import stack_rows
 from nanovllm.models.rope import rope_cos_sin
+from nanovllm.models.sharding import ParallelRank
 
 KVCache = tuple[Array, Array]
 
@@ -57,6 +62,7 @@ _ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"
 class LlamaForCausalLM:
     qkv_bias = False  # Qwen2 sets True
     qk_norm = False  # Qwen3 sets True
+    parallel: ParallelRank | None = None  # set before load_weights on a tensor-parallel rank
 
     def __init__(self, config: ModelConfig, backend: Backend, max_positions: int) -> None:
         self.config = config
@@ -112,10 +118,27 @@ class LlamaForCausalLM:
 
     def compute_logits(self, hidden: Array) -> Array:
         """[R, H] -> [R, vocab]; called only on rows that need a next token."""
-        return self.backend.linear(hidden, self.lm_head)
+        logits = self.backend.linear(hidden, self.lm_head)
+        return (
+            logits if self.parallel is None else self.parallel.gather_logits(self.backend, logits)
+        )
+
+    @property
+    def checkpoint_config(self) -> ModelConfig:
+        """The config the checkpoint was written for (`config` is one rank's share of it)."""
+        return self.config if self.parallel is None else self.parallel.config
 
     def _embed(self, input_ids: Array) -> Array:
+        if self.parallel is not None:
+            return self.parallel.embed(self.backend, input_ids, self.embed_tokens)
         return self.backend.embedding(input_ids, self.embed_tokens)
+
+    def _reduce(self, x: Array) -> Array:
+        """A row-parallel output summed over the tensor-parallel ranks (itself on one rank)."""
+        return x if self.parallel is None else self.parallel.comm.all_reduce(x)
+
+    def _mlp(self, mlp, x: Array) -> Array:
+        return self._reduce(self._feed_forward(mlp, x))
 
     def _decoder_layer(self, index, layer, hidden, residual, positions, meta, kv_cache):
         """One pre-norm block; returns (hidden, residual) with the residual add left to the
@@ -124,7 +147,7 @@ class LlamaForCausalLM:
         x, residual = ops.rms_norm(hidden, layer.input_norm, eps, residual)
         hidden = self._attention(index, layer, x, positions, meta, *kv_cache)
         x, residual = ops.rms_norm(hidden, layer.post_norm, eps, residual)
-        return self._feed_forward(layer.mlp, x), residual
+        return self._mlp(layer.mlp, x), residual
 
     def _feed_forward(self, mlp: DenseMLP, x: Array) -> Array:
         ops = self.backend
@@ -145,7 +168,7 @@ class LlamaForCausalLM:
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         window = cfg.window(index)
         out = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, window, self.attn_soft_cap)
-        return ops.linear(out.reshape(num_tokens, q_size), layer.o_proj)
+        return self._reduce(ops.linear(out.reshape(num_tokens, q_size), layer.o_proj))
 
     # ---- weights ---------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, np.ndarray]]) -> None:
@@ -154,6 +177,8 @@ class LlamaForCausalLM:
         done: list[DecoderLayer | None] = [None] * self.config.num_layers
         top: dict[str, np.ndarray] = {}
         for name, tensor in self._checkpoint_tensors(weights):
+            if self.parallel is not None:
+                tensor = self.parallel.shard(name, tensor)
             if name.startswith("model.layers."):
                 index, key = _split_layer_name(name)
                 if index >= len(pending):

@@ -17,7 +17,12 @@ from nanovllm.models import hub
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.model_config import ModelConfig
 from nanovllm.models.registry import model_class
-from nanovllm.models.safetensors_loader import iter_safetensors, safetensors_files
+from nanovllm.models.safetensors_loader import (
+    count_safetensors,
+    iter_safetensors,
+    safetensors_files,
+)
+from nanovllm.models.sharding import ParallelRank, local_config
 from nanovllm.models.tokenizer import Tokenizer
 
 
@@ -27,6 +32,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     generation_config: dict
     weights: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    num_weights: int | None = None  # how many tensors weights() yields, for a progress bar
 
 
 def load_checkpoint(model: str, tokenizer: str | None = None) -> Checkpoint:
@@ -35,6 +41,8 @@ def load_checkpoint(model: str, tokenizer: str | None = None) -> Checkpoint:
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         checkpoint = _gguf_checkpoint(path, with_tokenizer=tokenizer is None)
+    elif path.is_dir() and not (path / "config.json").exists() and list(path.glob("*.gguf")):
+        checkpoint = _gguf_checkpoint(_only_gguf(path), with_tokenizer=tokenizer is None)
     elif path.is_dir():
         checkpoint = _folder_checkpoint(path)
     elif path.exists():
@@ -50,6 +58,23 @@ def load_checkpoint(model: str, tokenizer: str | None = None) -> Checkpoint:
     return checkpoint
 
 
+def _only_gguf(folder: Path) -> Path:
+    """The GGUF file of a folder that holds one (and no config.json)."""
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise ModelLoadError(
+            f"{folder} holds several GGUF files ({names}); pass the one to load as --model"
+        )
+    return files[0]
+
+
+def check_model_exists(model: str) -> None:
+    """Fail at once on a local path that does not exist (nothing is read)."""
+    if model not in DEMO_MODELS and _looks_like_path(model) and not Path(model).expanduser().exists():  # fmt: skip
+        raise ModelLoadError(f"model path {model} does not exist")
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
 
@@ -57,7 +82,10 @@ def _looks_like_path(model: str) -> bool:
 def _folder_checkpoint(folder: Path) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.exists():
-        raise ModelLoadError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+        raise ModelLoadError(
+            f"{folder} has no config.json and no .gguf file: pass a Hugging Face model folder "
+            "(config.json, *.safetensors, tokenizer.json), a .gguf file, or a folder holding one"
+        )
     config = ModelConfig.from_hf(_read_json(config_file))
     model_class(config.architecture)  # refuse unknown architectures before reading weights
     generation_config = _read_json(folder / "generation_config.json", default={})
@@ -69,6 +97,7 @@ def _folder_checkpoint(folder: Path) -> Checkpoint:
         tokenizer=Tokenizer.from_folder(folder),
         generation_config=generation_config,
         weights=lambda: iter_safetensors(files),
+        num_weights=count_safetensors(files),
     )
 
 
@@ -79,7 +108,9 @@ def _gguf_checkpoint(path: Path, with_tokenizer: bool = True) -> Checkpoint:
     # rebuild (SentencePiece) still loads next to the original tokenizer.json.
     gguf = load_gguf(path, with_tokenizer)
     model_class(gguf.config.architecture)
-    return Checkpoint(gguf.config, gguf.tokenizer, gguf.generation_config, gguf.weights)
+    return Checkpoint(
+        gguf.config, gguf.tokenizer, gguf.generation_config, gguf.weights, gguf.num_weights
+    )
 
 
 def _read_json(path: Path, default: dict | None = None) -> dict:
@@ -95,9 +126,24 @@ def _ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def build_model(checkpoint: Checkpoint, backend: Backend, max_positions: int) -> LlamaForCausalLM:
-    model = model_class(checkpoint.config.architecture)(checkpoint.config, backend, max_positions)
-    model.load_weights(checkpoint.weights())
+def build_model(
+    checkpoint: Checkpoint,
+    backend: Backend,
+    max_positions: int,
+    progress=None,
+    parallel: ParallelRank | None = None,
+) -> LlamaForCausalLM:
+    """The checkpoint's model on `backend` (with `parallel`, one tensor-parallel rank's share);
+    `progress(weights, total)` may wrap the tensors' iterator."""
+    config = checkpoint.config
+    if parallel is not None:
+        config = local_config(config, parallel.size)
+    model = model_class(config.architecture)(config, backend, max_positions)
+    model.parallel = parallel
+    weights = checkpoint.weights()
+    if progress is not None:
+        weights = progress(weights, checkpoint.num_weights)
+    model.load_weights(weights)
     return model
 
 

@@ -23,7 +23,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     def _checkpoint_tensors(
         self, weights: Iterable[tuple[str, np.ndarray]]
     ) -> Iterator[tuple[str, np.ndarray]]:
-        cfg = self.config
+        cfg = self.checkpoint_config  # the fused tensors are whole, also on a tensor-parallel rank
         q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         for name, tensor in weights:
             prefix = name.rsplit(".", 3)[0] + "."

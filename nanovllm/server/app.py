@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import falcon
@@ -22,8 +22,9 @@ import falcon
 from nanovllm import __version__
 from nanovllm.models.tokenizer import Tokenizer
 from nanovllm.sampling_params import RequestOutputKind
+from nanovllm.server.access_log import AccessLog
 from nanovllm.server.admission import Admission
-from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
+from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
 from nanovllm.server.errors import APIError, bad_request, install_error_handlers
 from nanovllm.server.limits import PromptLimit
 from nanovllm.server.metrics import ServerMetrics
@@ -37,6 +38,7 @@ from nanovllm.server.protocol import (
 )
 from nanovllm.server.responses import ResponseBuilder
 from nanovllm.server.streaming import EventStream, stream_events
+from nanovllm.server.tokenizer_info import tokenizer_info
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -57,7 +59,7 @@ ROUTES = (
 class ServerState:
     """Everything the routes share; built once by serve.py (or a test)."""
 
-    engine: EngineThread
+    engine: EngineClient  # one engine thread, or the router of data-parallel replicas
     tokenizer: Tokenizer
     protocol: ProtocolContext
     metrics: ServerMetrics
@@ -68,16 +70,21 @@ class ServerState:
     max_body_bytes: int
     api_key: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    access_log: bool = True  # one INFO line per finished or refused request
+    tokenizer_info: bool = False  # serve GET /tokenizer_info (vLLM: behind a flag)
 
 
 def build_app(state: ServerState) -> falcon.App:
-    middleware = [APIKeyAuth(state.api_key)] if state.api_key else []
+    middleware = [AccessLog()] if state.access_log else []
+    middleware += [APIKeyAuth(state.api_key)] if state.api_key else []
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     install_error_handlers(app)
     routes = Routes(state)
     for path, suffix in ROUTES:
         app.add_route(path, routes, suffix=suffix)
+    if state.tokenizer_info:
+        app.add_route("/tokenizer_info", routes, suffix="tokenizer_info")
     return app
 
 
@@ -133,10 +140,12 @@ class Routes:
         if on_close is not None:  # only under our waitress server (connections.py)
             on_close(lambda: state.engine.client_gone(sub))
         builder = ResponseBuilder(request, state.tokenizer, state.protocol.model_name)
+        req.context.response_id = builder.id
         if request.stream:
-            self._stream(resp, sub, builder, request.include_usage)
+            self._stream(req, resp, sub, builder, request.include_usage)
         else:
             self._respond(resp, sub, builder)
+            req.context.usage = builder.usage()
 
     def _submit(self, request: GenerateRequest) -> Submission:
         # A stream reads what is new at each step; a plain response only the finished output.
@@ -164,16 +173,22 @@ class Routes:
 
     def _stream(
         self,
+        req: falcon.Request,
         resp: falcon.Response,
         sub: Submission,
         builder: ResponseBuilder,
         include_usage: bool,
     ) -> None:
         engine, admission = self.state.engine, self.state.admission
+        access = req.context.get("access_log")
+        req.context.access_deferred = True
 
         def cleanup() -> None:  # the stream ended, failed, or its client went away
             engine.abort(sub)
             admission.leave()
+            if access is not None:
+                note = "" if sub.done else " (ended early)"
+                access.write(req, 200, builder.usage(), note)
 
         resp.content_type = "text/event-stream"
         resp.set_header("Cache-Control", "no-cache")
@@ -209,15 +224,7 @@ class Routes:
 
     def on_get_engine_state(self, req: falcon.Request, resp: falcon.Response) -> None:
         # Under /v1 on purpose: it lists requests, so --api-key guards it (unlike /metrics).
-        snapshot, config = self.state.engine.snapshot, self.state.engine.engine.config
-        resp.media = {
-            "object": "engine.state",
-            "num_blocks": len(snapshot.blocks),
-            "block_size": config.block_size,
-            "max_num_seqs": config.max_num_seqs,
-            "blocks": snapshot.blocks,
-            "sequences": [asdict(seq) for seq in snapshot.sequences],
-        }
+        resp.media = self.state.engine.state()
 
     def on_post_tokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
         state = self.state
@@ -231,6 +238,9 @@ class Routes:
             "tokens": tokens,
             "token_strs": strs,
         }
+
+    def on_get_tokenizer_info(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = tokenizer_info(self.state.tokenizer, self.state.max_model_len)
 
     def on_post_detokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
         state = self.state

@@ -212,6 +212,7 @@ class Server(TcpWSGIServer):
 
     def __init__(self, app, map, dispatcher, adj: Adjustments, sockinfo, deadlines: Deadlines):
         self.deadlines = deadlines
+        self.stop_requested = threading.Event()
         super().__init__(app, map, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo)
 
     def handle_accept(self) -> None:
@@ -229,17 +230,25 @@ class Server(TcpWSGIServer):
 
     def run(self) -> None:
         """waitress' event loop (poll(), not select(): no limit of 1,024 descriptors), with the
-        deadlines checked between its passes."""
+        deadlines checked between its passes; it returns once `request_stop` was called."""
         next_check = 0.0
         try:
-            while self._map:
+            while self._map and not self.stop_requested.is_set():
                 now = time.time()
                 if now >= next_check:
                     next_check = now + self.adj.cleanup_interval
                     self.close_overdue(now)
                 poll2(self.adj.asyncore_loop_timeout, self._map)
         except (SystemExit, KeyboardInterrupt):
-            self.task_dispatcher.shutdown()
+            pass
+        self.task_dispatcher.shutdown()
+
+    def request_stop(self) -> None:
+        """End run() after its current pass, from any thread. (A signal's SystemExit would be
+        lost if it came while the loop ran a trigger thunk: waitress logs and swallows what a
+        thunk raises.)"""
+        self.stop_requested.set()
+        self.trigger.pull_trigger()  # wake the poll
 
     def maintenance(self, now: float) -> None:
         # waitress calls this from readable(), in the middle of a pass that has already listed

@@ -32,7 +32,7 @@ _SAMPLING_FIELDS: dict[str, type] = {
 }  # fmt: skip
 _COMMON_FIELDS = {
     *_SAMPLING_FIELDS, "model", "max_tokens", "stop", "stop_token_ids", "stream",
-    "stream_options", "user", "logprobs", "logit_bias",
+    "stream_options", "user", "logprobs", "logit_bias", "prompt_logprobs",
 }  # fmt: skip
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of", "add_special_tokens"}
 _CHAT_FIELDS = _COMMON_FIELDS | {
@@ -93,9 +93,9 @@ def parse_completion(body: dict, ctx: ProtocolContext) -> GenerateRequest:
     prompts = parse_prompt(_required(body, "prompt"))
     logprobs = _bounded_int(body, "logprobs", 0, MAX_LOGPROBS)
     echo = _typed(body, "echo", bool) or False
-    if echo and logprobs is not None:
-        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
     changes: dict[str, Any] = {"logprobs": logprobs}
+    if echo and logprobs is not None:  # the prompt's tokens come with their logprobs (vLLM)
+        changes["prompt_logprobs"] = logprobs
     max_tokens = _typed(body, "max_tokens", int)
     if max_tokens is not None:  # else the default (16, as in OpenAI's legacy API)
         changes["max_tokens"] = max_tokens
@@ -132,6 +132,11 @@ def _request(
 ) -> GenerateRequest:  # fmt: skip
     stream = _typed(body, "stream", bool) or False
     _typed(body, "user", str)  # accepted for OpenAI compatibility; it changes nothing here
+    prompt_logprobs = _bounded_int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+    if prompt_logprobs is not None:  # vLLM's extension; echo with logprobs sets it as well
+        if stream:
+            raise bad_request("prompt_logprobs are not available with stream=true", "prompt_logprobs")  # fmt: skip
+        changes.setdefault("prompt_logprobs", prompt_logprobs)
     params = _sampling_params(body, ctx.defaults, changes, aliases or {})
     request = GenerateRequest(endpoint, prompts, params, add_special_tokens, stream,
                               _include_usage(body, stream), echo)  # fmt: skip

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from nanovllm.engine.sampler import TokenLogprobs
+from nanovllm.engine.logprobs import TokenLogprobs
 from nanovllm.models.tokenizer import Tokenizer
-from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from nanovllm.server.protocol import GenerateRequest
 
 # JSON has no -Infinity; vLLM clamps impossible tokens' logprobs to this.
@@ -31,6 +31,8 @@ class ResponseBuilder:
         self.completion_tokens: dict[int, int] = {}  # choice -> tokens generated so far
         self.finished: set[int] = set()  # choices whose finish chunk was sent
         self.offsets: dict[int, int] = {}  # choice -> text_offset of its next token (legacy)
+        # prompt index -> its prompt logprobs (a stream carries them in one output only)
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}
 
     # ---- full responses --------------------------------------------------------------------
     def response(self, outputs: list[RequestOutput]) -> dict:
@@ -43,7 +45,10 @@ class ResponseBuilder:
             for choice in output.outputs
         ]
         choices.sort(key=lambda c: c["index"])
-        return {**self._header(""), "choices": choices, "usage": self.usage()}
+        body = {**self._header(""), "choices": choices, "usage": self.usage()}
+        if self.chat and self.request.params.prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs_json(outputs[0].prompt_logprobs)
+        return body
 
     def _choice(self, prompt_index: int, output: RequestOutput, choice: CompletionOutput) -> dict:
         index = self._index(prompt_index, choice)
@@ -56,13 +61,17 @@ class ResponseBuilder:
                 "stop_reason": choice.stop_reason,
             }
         prefix = self._echo(output)
-        return {
+        entries, start = self._with_prompt(prompt_index, output, choice.logprobs, prefix)
+        body = {
             "index": index,
             "text": prefix + choice.text,
-            "logprobs": self._legacy_logprobs(index, choice.logprobs, start=len(prefix)),
+            "logprobs": self._legacy_logprobs(index, entries, start=start),
             "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason,
         }
+        if self.request.params.prompt_logprobs is not None:  # vLLM's extension
+            body["prompt_logprobs"] = _prompt_logprobs_json(output.prompt_logprobs)
+        return body
 
     def usage(self) -> dict:
         prompt = sum(self.prompt_tokens.values())
@@ -97,13 +106,15 @@ class ResponseBuilder:
                 self.finished.add(index)
             elif not choice.delta_text and not choice.delta_logprobs:
                 continue  # nothing to show yet (held back for UTF-8 or a possible stop string)
-            chunks.append(self._chunk([self._delta_choice(index, output, choice)]))
+            chunks.append(self._chunk([self._delta_choice(prompt_index, index, output, choice)]))
         return chunks
 
     def usage_chunk(self) -> dict:
         return {**self._chunk([]), "usage": self.usage()}
 
-    def _delta_choice(self, index: int, output: RequestOutput, choice: CompletionOutput) -> dict:
+    def _delta_choice(
+        self, prompt_index: int, index: int, output: RequestOutput, choice: CompletionOutput
+    ) -> dict:
         reason = choice.finish_reason
         if self.chat:
             return {
@@ -115,10 +126,13 @@ class ResponseBuilder:
             }
         first = index not in self.offsets
         prefix = self._echo(output) if first else ""
+        entries, start = choice.delta_logprobs, len(prefix)
+        if first:
+            entries, start = self._with_prompt(prompt_index, output, entries, prefix)
         return {
             "index": index,
             "text": prefix + choice.delta_text,
-            "logprobs": self._legacy_logprobs(index, choice.delta_logprobs, start=len(prefix)),
+            "logprobs": self._legacy_logprobs(index, entries, start=start),
             "finish_reason": reason,
             "stop_reason": choice.stop_reason,
         }
@@ -148,16 +162,42 @@ class ResponseBuilder:
         return self.tokenizer.decode(output.prompt_token_ids)
 
     # ---- logprobs --------------------------------------------------------------------------
+    def _with_prompt(
+        self, prompt_index: int, output: RequestOutput, entries: list | None, prefix: str
+    ) -> tuple[list | None, int]:
+        """With echo and logprobs, the prompt's tokens lead the choice's logprobs (vLLM): its
+        first token as a bare id (nothing scores it), then its scored tokens. Also returns where
+        text_offset starts: after an echoed prefix that has no logprobs, else at 0."""
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+        if not (self.request.echo and entries is not None):
+            return entries, len(prefix)
+        ids, scored = output.prompt_token_ids, self.prompt_logprobs.get(prompt_index, [])
+        k = self.request.params.prompt_logprobs
+        prompt = [ids[0]] + [
+            _token_logprobs(t, d, k) for t, d in zip(ids[1:], scored[1:], strict=True)
+        ]
+        return prompt + list(entries), 0
+
     def _legacy_logprobs(
-        self, index: int, entries: list[TokenLogprobs] | None, start: int
+        self, index: int, entries: list[TokenLogprobs | int] | None, start: int
     ) -> dict | None:
-        """The completions API's shape; text_offset counts on across the chunks of a stream."""
+        """The completions API's shape; text_offset counts on across the chunks of a stream. A
+        bare token id is a token without a logprob (an echoed prompt's first): nulls."""
         offset = self.offsets.get(index, 0) + start
         if entries is None:
             self.offsets[index] = offset
             return None
         tokens, logprobs, tops, offsets = [], [], [], []
         for entry in entries:
+            if isinstance(entry, int):
+                text = self._token_text(entry)
+                tokens.append(text)
+                logprobs.append(None)
+                tops.append(None)
+                offsets.append(offset)
+                offset += len(text)
+                continue
             text = self._token_text(entry.token_id)
             top = {self._token_text(t): _clamp(lp) for t, lp in entry.top}
             top.setdefault(text, _clamp(entry.logprob))  # vLLM lists the sampled token too
@@ -187,6 +227,27 @@ class ResponseBuilder:
     def _token_text(self, token_id: int) -> str:
         # Part of a multi-byte character decodes to U+FFFD, as in vLLM.
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _token_logprobs(token_id: int, entry: dict[int, Logprob], k: int) -> TokenLogprobs:
+    """A prompt token's vLLM dict back as the token's logprob and the k most likely."""
+    top = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank <= k)
+    chosen = entry[token_id]
+    return TokenLogprobs(token_id, chosen.logprob, chosen.rank, [(t, v) for _, t, v in top])
+
+
+def _prompt_logprobs_json(scored: PromptLogprobs | None) -> list | None:
+    """vLLM's JSON of prompt_logprobs: null first, then {"<id>": {logprob, rank, decoded_token}}."""
+    if scored is None:
+        return None
+    return [
+        None if entry is None else {
+            str(token_id): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                            "decoded_token": lp.decoded_token}
+            for token_id, lp in entry.items()
+        }
+        for entry in scored
+    ]  # fmt: skip
 
 
 def _clamp(logprob: float) -> float:

@@ -7,6 +7,10 @@ max-waiting) plus spares that answer /health, /metrics, /tokenize and the 503s b
 bound. Why this arrangement: docs/architecture.md. On SIGINT/SIGTERM the server stops
 listening, lets the requests in flight finish within a grace period, ends the rest with a final
 error, and exits 0.
+
+The engine is one engine thread in this process, or, with --data-parallel-size N (or a
+--ray-address), N replicas on Ray behind a router (nanovllm/distributed/ray_client.py): Ray is
+imported only then.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from waitress.wasyncore import dispatcher
 from nanovllm.config import EngineConfig
 from nanovllm.engine.assembly import build_engine
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.errors import NanovllmError
 from nanovllm.server import process
 from nanovllm.server.admission import Admission
 from nanovllm.server.app import ServerState, build_app
 from nanovllm.server.connections import Deadlines, Server, create_servers
+from nanovllm.server.engine_client import EngineClient
 from nanovllm.server.engine_thread import EngineThread
 from nanovllm.server.limits import PromptLimit
 from nanovllm.server.metrics import ServerMetrics
@@ -51,45 +57,99 @@ class ServerConfig:
     receive_timeout: float = 10.0
     send_timeout: float = 30.0
     keep_alive_timeout: float = 30.0
+    access_log: bool = True
+    tokenizer_info: bool = False
+    data_parallel_size: int = 1
+    ray_address: str | None = None
+    max_replica_restarts: int = 3
+
+    @property
+    def distributed(self) -> bool:
+        return self.data_parallel_size > 1 or self.ray_address is not None
 
     @property
     def deadlines(self) -> Deadlines:
         return Deadlines(self.receive_timeout, self.send_timeout, self.keep_alive_timeout)
 
 
+def start_engines(
+    engine_config: EngineConfig, config: ServerConfig
+) -> tuple[EngineClient, ServerMetrics]:
+    """One engine in a background thread, or the router of data-parallel replicas on Ray; the
+    metrics each reports to."""
+    name = engine_config.name
+    if not config.distributed:
+        engine = build_engine(engine_config)
+        metrics = ServerMetrics(
+            name, lambda: thread.engine_stats(), engine.max_model_len, cache_config_info(engine)
+        )
+        thread = EngineThread(
+            engine, metrics.on_finished, metrics.on_aborted, config.log_interval, metrics.on_step
+        )
+        return thread, metrics
+    from nanovllm.distributed.ray_client import RayEngineClient
+    from nanovllm.distributed.replica_set import DataParallelOptions
+
+    size = config.data_parallel_size
+    in_flight = size * engine_config.max_num_seqs + config.max_waiting + SPARE_THREADS
+    options = DataParallelOptions(
+        size, config.ray_address, config.max_replica_restarts, in_flight, config.log_interval
+    )
+    metrics = ServerMetrics(
+        name, lambda: client.engine_stats(), engine_config.max_model_len or 8192, num_engines=size
+    )
+    client = RayEngineClient(engine_config, options, metrics.on_finished, metrics.on_aborted)
+    return client, metrics
+
+
 def build_state(
-    engine: LLMEngine, config: ServerConfig, sampling_overrides: dict, model_name: str
+    client: EngineClient,
+    metrics: ServerMetrics,
+    config: ServerConfig,
+    sampling_overrides: dict,
+    model_name: str,
 ) -> ServerState:
-    """Wire the engine thread, metrics and validation context around a loaded engine."""
-    tokenizer = engine.tokenizer
+    """Wire validation, admission and the routes' shared state around a started engine client."""
+    facts = client.facts
+    tokenizer = facts.tokenizer
 
     def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
-    # The metrics read the thread's stats snapshot; the thread reports finishes to the metrics.
-    metrics = ServerMetrics(model_name, lambda: thread.stats)
-    thread = EngineThread(engine, metrics.on_finished, metrics.on_aborted, config.log_interval)
     protocol = ProtocolContext(
-        defaults=engine.default_sampling_params().clone(**sampling_overrides),
+        defaults=facts.default_params.clone(**sampling_overrides),
         model_name=model_name,
-        accepted_names=frozenset({model_name, engine.config.model}),
+        accepted_names=frozenset({model_name, facts.model}),
         render_chat=render_chat,
         vocab_size=tokenizer.vocab_size,
     )
+    running = facts.max_num_seqs * facts.num_engines
     return ServerState(
-        engine=thread,
+        engine=client,
         tokenizer=tokenizer,
         protocol=protocol,
         metrics=metrics,
-        admission=Admission(
-            engine.config.max_num_seqs + config.max_waiting, engine.config.max_num_seqs
-        ),
-        max_model_len=engine.max_model_len,
-        prompt_limit=PromptLimit.of(tokenizer, engine.max_model_len),
-        model_root=engine.config.model,
+        admission=Admission(running + config.max_waiting, running),
+        max_model_len=facts.max_model_len,
+        prompt_limit=PromptLimit.of(tokenizer, facts.max_model_len),
+        model_root=facts.model,
         max_body_bytes=config.max_body_bytes,
         api_key=config.api_key,
+        access_log=config.access_log,
+        tokenizer_info=config.tokenizer_info,
     )
+
+
+def cache_config_info(engine: LLMEngine) -> dict[str, str]:
+    """The labels of vllm:cache_config_info (vLLM: CacheConfig.metrics_info(), as strings)."""
+    config = engine.config
+    return {
+        "block_size": str(config.block_size),
+        "cache_dtype": "auto",
+        "enable_prefix_caching": str(config.enable_prefix_caching),
+        "gpu_memory_utilization": str(config.gpu_memory_utilization),
+        "num_gpu_blocks": str(engine.block_manager.num_blocks),
+    }
 
 
 def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides: dict) -> int:
@@ -99,21 +159,28 @@ def serve(engine_config: EngineConfig, config: ServerConfig, sampling_overrides:
     if not process.limit_malloc_arenas():
         logger.warning("could not limit malloc arenas (not glibc?); RSS may grow with threads")
     open_files = process.raise_open_files_limit()
-    engine = build_engine(engine_config)
-    state = build_state(engine, config, sampling_overrides, engine_config.name)
-    servers = _waitress_servers(state, config, process.connection_limit(open_files))
-    state.engine.start()
-    shutdown = GracefulShutdown(servers, state, config.grace_period)
-    shutdown.install()
-    adj = servers[0].adj
-    logger.info(
-        "serving %s on http://%s:%s (max %d running + %d waiting requests, %d worker threads, "
-        "%d connections)",
-        engine_config.name, config.host, servers[0].effective_port, engine_config.max_num_seqs,
-        config.max_waiting, adj.threads, adj.connection_limit,
-    )  # fmt: skip
-    servers[0].run()  # one event loop serves every listening socket
-    state.engine.stop()
+    client, metrics = start_engines(engine_config, config)
+    try:
+        state = build_state(client, metrics, config, sampling_overrides, engine_config.name)
+        try:
+            servers = _waitress_servers(state, config, process.connection_limit(open_files))
+        except OSError as e:  # taken since the CLI's check (cli.check_port)
+            raise NanovllmError(
+                f"cannot listen on {config.host}:{config.port}: {e.strerror}"
+            ) from None
+        client.start()
+        shutdown = GracefulShutdown(servers, state, config.grace_period)
+        shutdown.install()
+        adj = servers[0].adj
+        logger.info(
+            "serving %s on http://%s:%s (max %d running + %d waiting requests, %d worker "
+            "threads, %d connections)",
+            engine_config.name, config.host, servers[0].effective_port,
+            state.admission.running, config.max_waiting, adj.threads, adj.connection_limit,
+        )  # fmt: skip
+        servers[0].run()  # one event loop serves every listening socket
+    finally:
+        client.stop()
     logger.info("server stopped")
     return 0
 
@@ -156,7 +223,7 @@ class GracefulShutdown:
         self.grace_period = grace_period
         self.started = False
         self.hurry = threading.Event()  # a second signal: end the requests in flight now
-        self.drained = threading.Event()  # the drain is over: the next SIGINT stops the loop
+        self.drained = threading.Event()  # the drain is over: the next signal stops the loop
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
@@ -198,7 +265,7 @@ class GracefulShutdown:
         admission.wait_idle(FINAL_WRITE_S)
         _wait_flushed(self.servers[0], FINAL_WRITE_S)
         self.drained.set()
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        self.servers[0].request_stop()
 
 
 def _wait_flushed(server: Server, timeout: float) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
-from nanovllm.server.engine_thread import ClientGone, EngineFailure, EngineThread, Submission
+from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
 from nanovllm.server.errors import error_body
 from nanovllm.server.responses import ResponseBuilder
 
@@ -46,7 +46,7 @@ class EventStream:
 
 
 def stream_events(
-    engine: EngineThread, sub: Submission, builder: ResponseBuilder, include_usage: bool
+    engine: EngineClient, sub: Submission, builder: ResponseBuilder, include_usage: bool
 ) -> Iterator[bytes]:
     """The SSE body of one request. An error after the headers went out becomes a last chunk."""
     try:
