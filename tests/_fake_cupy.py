@@ -132,7 +132,7 @@ class DeviceArray(np.ndarray):
         return np.array(_raw(self))
 
     def set(self, arr: np.ndarray, stream=None) -> None:
-        self.fake.upload(arr)
+        self.fake.host_to_device()
         np.copyto(_raw(self), arr)
 
     def item(self, *args):
@@ -430,9 +430,12 @@ class FakeCuPy:
                 "calling cuBLAS API during stream capture is currently unsupported"
             )
 
-    def upload(self, host: np.ndarray) -> DeviceArray:
+    def host_to_device(self) -> None:
         if self.capturing() is not None:
             raise _capture_refused("H2D transfers")
+
+    def upload(self, host: np.ndarray) -> DeviceArray:
+        self.host_to_device()
         return self.adopt(np.array(host))
 
     def download(self) -> None:
