@@ -7,8 +7,8 @@
 // Entry points (T = float | __half | __nv_bfloat16 for SUFFIX = f32 | f16 | bf16; the GGUF
 // kernels only f32 | f16, the dtypes the CUDA backend computes in;
 // FORMAT = q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k):
-//   matmul_SUFFIX(out, x, weight, bias, M, N, K, split, vec)               W dense, of type T
-//   matmul_FORMAT_SUFFIX(out, x, weight, bias, M, N, K, row_bytes, split)  W GGUF blocks
+//   matmul_SUFFIX(out, x, weight, bias, M, N, K, split, vec, out_stride)        W dense, of type T
+//   matmul_FORMAT_SUFFIX(out, x, weight, bias, M, N, K, row_bytes, split, out_stride)  W GGUF
 //
 // Launch geometry (split = 1, 2 or 4 warps per pair of weight rows; the glue picks it from K):
 //   grid  = (ceil(M / 4) * ceil(N / (8 / split)),)  block b computes rows m0 = 4 (b % ceil(M /
@@ -26,9 +26,12 @@
 //   weight  dense: T, [N, K] contiguous; GGUF: unsigned char, [N, row_bytes] contiguous, each
 //           row K / 32 (K / 256 for the K-quants) blocks as stored in the file (gguf_blocks.cuh)
 //   bias    T, [N], or null
-//   out     T, [M, N] contiguous: the float32 sum over K of x * w, plus bias, rounded to T once
-//   M, N, K, split: int; row_bytes: long long; vec: int, nonzero when x and W may be read 16 bytes
-//           at a time (K % 8 == 0, both 16-byte aligned), else the dense kernel reads element-wise.
+//   out     T, [M, N] rows out_stride >= N elements apart: the float32 sum over K of x * w, plus
+//           bias, rounded to T once. out_stride > N writes columns of a wider output: a fused
+//           weight whose parts have different GGUF types runs one launch per part into its slice.
+//   M, N, K, split: int; row_bytes, out_stride: long long; vec: int, nonzero when x and W may be
+//           read 16 bytes at a time (K % 8 == 0, both 16-byte aligned), else the dense kernel
+//           reads element-wise.
 #include "common.cuh"
 #include "gguf_blocks.cuh"
 
@@ -97,7 +100,8 @@ struct QuantizedFormat {
 template <class Format, typename T>
 __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight,
                        long long row_stride, const T* bias, int M, int N, int K, int split,
-                       bool vec) {
+                       bool vec,
+                       long long out_stride) {
   constexpr int kRows = kMatmulRowsPerWarp;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -185,7 +189,7 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
         value += (q[0] + q[1]) + (q[2] + q[3]);
       }
       if (bias != nullptr) value += to_float(bias[n]);
-      out[(long long)(m0 + m) * N + n] = from_float<T>(value);
+      out[(long long)(m0 + m) * out_stride + n] = from_float<T>(value);
     }
   }
 }
@@ -195,17 +199,18 @@ __device__ void matmul(T* out, const T* x, const typename Format::Weight* weight
 #define NANOVLLM_DENSE_MATMUL_KERNEL(SUFFIX, T)                                                \
   extern "C" __global__ void __launch_bounds__(128, 1)                                         \
       matmul_##SUFFIX(T* out, const T* x, const T* weight, const T* bias, int M, int N, int K, \
-                      int split, int vec) {                                                    \
+                      int split, int vec, long long out_stride) {                              \
     nanovllm::matmul<nanovllm::DenseFormat<T>, T>(out, x, weight, K, bias, M, N, K, split,     \
-                                                  vec != 0);                                   \
+                                                  vec != 0, out_stride);                       \
   }
 
 #define NANOVLLM_QUANTIZED_MATMUL_KERNEL(FORMAT, BLOCK, SUFFIX, T)                               \
   extern "C" __global__ void __launch_bounds__(128, 1)                                           \
       matmul_##FORMAT##_##SUFFIX(T* out, const T* x, const unsigned char* weight, const T* bias, \
-                                 int M, int N, int K, long long row_bytes, int split) {          \
+                                 int M, int N, int K, long long row_bytes, int split,            \
+                                 long long out_stride) {                                         \
     nanovllm::matmul<nanovllm::QuantizedFormat<nanovllm::gguf::BLOCK>, T>(                       \
-        out, x, weight, row_bytes, bias, M, N, K, split, true);                                  \
+        out, x, weight, row_bytes, bias, M, N, K, split, true, out_stride);                      \
   }
 
 #define NANOVLLM_QUANTIZED_MATMUL_FORMATS(SUFFIX, T)      \

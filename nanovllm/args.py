@@ -9,7 +9,7 @@ import argparse
 import logging
 from dataclasses import fields
 
-from nanovllm.config import DEVICES, DTYPES, EngineConfig
+from nanovllm.config import DEVICES, DTYPES, QUANTIZATIONS, EngineConfig
 from nanovllm.demo import DEMO_MODELS
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
@@ -59,6 +59,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: cuda if a GPU is usable, else cpu")  # fmt: skip
     g.add_argument("--dtype", choices=DTYPES, default=DEFAULTS["dtype"],
                    help="compute dtype (cpu: float32; cuda: float16 by default, or float32)")  # fmt: skip
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default=DEFAULTS["quantization"],
+                   help="auto: GGUF weights stay quantized in memory (about the file's size) "
+                   "where the device has kernels for them; none: dequantize them at load")  # fmt: skip
     g.add_argument(
         "--num-blocks",
         type=_blocks,
@@ -102,6 +105,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tokenizer=args.tokenizer,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         num_blocks=args.num_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
         speculative_method=args.speculative_method,

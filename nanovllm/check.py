@@ -1,13 +1,14 @@
 """`nanovllm check`: are the CUDA kernels sound here?
 
 On a GPU: compile every kernel with NVRTC for the device (registers and spills from ptxas), run
-each against the NumPy reference (nanovllm/backends/cpu.py) on random inputs in float32,
-float16 and bfloat16, and run a tiny random model greedily on the GPU and on the CPU. Without
+each against the NumPy reference (nanovllm/backends/cpu_reference.py) on random inputs in float32,
+float16 and bfloat16 (the matmuls also through linear() on each of its paths, and embedding(),
+dense and in every GGUF format), and run a tiny random model greedily on the GPU and on the CPU. Without
 a GPU: compile for sm_80 and sm_90 and say that the runtime checks need a GPU, or run them on
 the CPU emulator with --emulated.
 
-The kernel cases live in nanovllm/backends/kernel_cases.py, the device checks (also the
-engine's start-up self-check) in nanovllm/backends/self_check.py.
+The kernel cases live in nanovllm/backends/kernel_cases.py and matmul_cases.py, the device
+checks (also the engine's start-up self-check) in nanovllm/backends/self_check.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import argparse
 import json
 
 from nanovllm.backends.cuda import CUDABackend
-from nanovllm.backends.kernel_cases import CheckResult, kernel_checks
-from nanovllm.backends.self_check import device_arch, device_name, model_check
+from nanovllm.backends.kernel_cases import DTYPES, CheckResult, kernel_checks, run_checks
+from nanovllm.backends.matmul_cases import matmul_checks
+from nanovllm.backends.self_check import device_arch, device_name, device_versions, model_check
 from nanovllm.errors import NanovllmError
 from nanovllm.extras import require_cuda_extra
 
@@ -58,7 +60,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     checks: list[CheckResult] = []
     if backend is not None:
         checks = kernel_checks(backend)
-        checks += [model_check(backend), model_check(CUDABackend("float32", backend.emulated))]
+        checks += run_checks(matmul_checks(backend, DTYPES))
+        checks += [model_check(backend), model_check(backend.with_dtype("float32"))]
+        report["versions"] = device_versions(backend)
     report["checks"] = [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -92,6 +96,8 @@ def _run_builds(archs: tuple[str, ...], report: dict) -> bool:
 
 def _print_report(report: dict, archs, checks: list[CheckResult], ran: bool) -> None:
     print(f"nanovllm check: {report['device']}")
+    if report.get("versions"):
+        print("  " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     print(f"\nNVRTC build, registers / spill bytes per architecture ({', '.join(archs)}):")
     rows: dict[str, dict[str, tuple[int, int]]] = {}
     for b in report["builds"]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEVICES = ("auto", "cpu", "cuda", "cuda-emulated")
+DEVICES = ("auto", "cpu", "cpu-reference", "cuda", "cuda-emulated")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none")
 
 
 @dataclass(slots=True)
@@ -14,6 +15,9 @@ class EngineConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # "auto": quantized weights (GGUF blocks) stay as stored where the backend has kernels for
+    # them; "none": every weight is dequantized to the compute dtype at load.
+    quantization: str = "auto"
     block_size: int = 16
     num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory
     gpu_memory_utilization: float = 0.9
@@ -34,6 +38,8 @@ class EngineConfig:
     # A <think> model's reasoning parser ("qwen3", "deepseek_r1"): a grammar then applies only
     # after the reasoning (the server also splits the reasoning out of responses with it).
     reasoning_parser: str | None = None
+    # CPU threads of the compiled kernels and of BLAS; None: one per core (nanovllm/backends/cpu.py).
+    num_threads: int | None = None
     # Ranks the model is split across (Megatron-style; nanovllm/models/sharding.py): GPUs on
     # `cuda`, in-process ranks with the reference communicator on the CPU and emulated devices.
     tensor_parallel_size: int = 1
@@ -48,6 +54,10 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.num_blocks != "auto":
             self._check_positive("num_blocks")
         if (
@@ -70,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.num_threads is not None:
+            self._check_positive("num_threads")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         self._validate_speculation()

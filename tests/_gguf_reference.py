@@ -162,3 +162,15 @@ def reference_dequantize(name: str, raw: np.ndarray) -> np.ndarray:
     ref, _, block_bytes, _ = SPEC[name]
     flat = raw.reshape(-1, block_bytes)
     return np.array([v for block in flat for v in ref(block.tobytes())], dtype=np.float32)
+
+
+def random_matrix_bytes(rng: np.random.Generator, name: str, rows: int, cols: int) -> np.ndarray:
+    """uint8 [rows, row_bytes]: a random valid matrix of `name` (a key of SPEC, or F32), stored
+    row by row as a GGUF file does."""
+    if name == "F32":
+        return rng.normal(0, 1, (rows, cols)).astype(np.float32).view(np.uint8)
+    if name in ("F16", "BF16"):
+        return random_float_bytes(rng, rows * cols, name).reshape(rows, -1)
+    _, per_block, block_bytes, halves = SPEC[name]
+    blocks = random_blocks(rng, rows * cols // per_block, block_bytes, halves)
+    return blocks.reshape(rows, -1)

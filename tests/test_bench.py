@@ -123,3 +123,50 @@ def test_bench_serve_counts_refusals_as_errored_not_lost(model, tmp_path):
     assert report["errored"] >= 1 and report["lost"] == 0
     assert report["completed"] + report["errored"] == 6
     assert all(error.startswith("HTTP 503") for error in report["errors"])
+
+
+# ---- bench decode: the GPU benchmark's harness, on the emulated device ---------------------------
+def test_bench_decode_cli_runs_every_case_on_the_emulated_device():
+    result = run_cli(
+        "bench", "decode", "--shapes", "tiny", "--batch", "1,3", "--context", "8", "--steps",
+        "2", "--device", "cuda-emulated", "--weights", "q4_k", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["batch"], r["mode"]) for r in rows] == [
+        (1, "padded"), (1, "eager"), (3, "padded"), (3, "eager")
+    ]  # fmt: skip
+    assert all(
+        r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_step"]) for r in rows
+    )
+
+
+@pytest.mark.parametrize("weights", ["f16", "q4_k"])
+def test_bench_decode_replays_graphs_that_give_the_eager_tokens(monkeypatch, weights):
+    """With the CuPy stand-in the graphs are captured and replayed: same greedy tokens."""
+    from _fake_cupy import FakeCuPy
+
+    import nanovllm.backends
+    from nanovllm.bench.decode import bench_decode
+
+    fake, real = FakeCuPy(), nanovllm.backends.get_backend
+    monkeypatch.setattr(nanovllm.backends, "get_backend", lambda *a: fake.attach(real(*a)))
+    results = bench_decode("tiny", weights, [1, 3], 8, 2, "cuda-emulated")
+    assert [r.mode for r in results] == ["graphs", "eager", "graphs", "eager"]
+    for graphs, eager in zip(results[::2], results[1::2], strict=True):
+        assert graphs.last_tokens == eager.last_tokens and len(graphs.last_tokens) == graphs.batch
+    assert fake.graph_launches >= 2 * 3  # timed and warm-up steps replayed graphs
+
+
+def test_the_projection_is_the_table_of_docs_kernels_md():
+    """docs/kernels.md's projected Qwen3-0.6B step (ms) and launch count, from the same
+    arithmetic as `nanovllm bench decode` prints."""
+    from nanovllm.bench.decode import model_config
+    from nanovllm.bench.projection import decode_step
+
+    config = model_config("qwen3-0.6b")
+    table = {("f16", 1): 1.29, ("q4_k", 1): 1.02, ("f16", 64): 5.1, ("q4_k", 64): 7.2}
+    for (weights, batch), ms in table.items():
+        step = decode_step(config, batch, 512, weights)
+        assert 1000 * step.step_s == pytest.approx(ms, abs=0.01 if ms < 2 else 0.05)
+        assert step.launches == 339

@@ -16,7 +16,7 @@ from nanovllm import check
 from nanovllm.backends import cuda_available, get_backend, self_check
 from nanovllm.backends.cuda import CUDABackend, bf16_from_float32, float32_from_bf16
 from nanovllm.backends.kernel_cases import CheckResult
-from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
+from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS, GGUF_FORMATS
 from nanovllm.backends.memory import kv_cache_block_bytes, num_blocks_for_budget
 from nanovllm.errors import NanovllmError
 
@@ -137,7 +137,11 @@ def test_check_emulated_runs_every_kernel_and_the_tiny_model(capsys) -> None:
     assert report["device"] == "CUDA emulator (CPU)"
     names = [c["name"] for c in report["checks"]]
     assert "paged_attention d128 bfloat16" in names and "tiny model greedy float16" in names
-    assert len(names) == 3 * (11 + len(ATTENTION_HEAD_DIMS)) + 2
+    assert {"linear Q4_K float16", "embedding Q6_K float32", "matmul bfloat16"} <= set(names)
+    assert "linear fused Q8_0+Q4_0 float16" in names
+    # per float32 and float16: dense and 8 formats x (kernel, linear, embedding), one fused
+    matmuls = 2 * (3 + 3 * len(GGUF_FORMATS) + 1) + 1
+    assert len(names) == 3 * (11 + len(ATTENTION_HEAD_DIMS)) + matmuls + 2
     assert all(c["passed"] for c in report["checks"])
     assert {b["arch"] for b in report["builds"]} == {"sm_80"}
 

@@ -37,8 +37,9 @@ from _gguf_strings import sample_strings
 
 from nanovllm.demo import demo_model_path
 from nanovllm.errors import ModelLoadError
-from nanovllm.models import gguf_loader
+from nanovllm.models import quantized
 from nanovllm.models.gguf_loader import DEQUANTIZABLE, dequantize, load_gguf
+from nanovllm.models.quantized import QuantizedTensor, dequantize_weight
 
 Q = gguf.GGMLQuantizationType
 
@@ -91,7 +92,7 @@ def _hf_gguf_tokenizer(path: Path):
 
 @pytest.mark.parametrize("name", sorted(SPEC))
 def test_dequantize_equals_ggml_reference(name, monkeypatch):
-    monkeypatch.setattr(gguf_loader, "_CHUNK_VALUES", 700)  # several steps per tensor
+    monkeypatch.setattr(quantized, "_CHUNK_VALUES", 700)  # several steps per tensor
     _, elems, block_bytes, halves = SPEC[name]
     rng = np.random.default_rng(1)
     rows, cols = 3, 512
@@ -174,8 +175,9 @@ def test_dequantize_refuses_an_unsupported_type():
 
 def test_smollm2_weights_equal_transformers(smol, hf_smol_state_dict):
     names, worst = set(), 0.0
-    for name, weight in smol.weights():
+    for name, stored in smol.weights():
         names.add(name)
+        weight = dequantize_weight(stored)
         want = hf_smol_state_dict[name]
         assert weight.dtype == np.float32 and weight.shape == want.shape, name
         worst = max(worst, float(np.max(np.abs(weight - want))))
@@ -183,7 +185,7 @@ def test_smollm2_weights_equal_transformers(smol, hf_smol_state_dict):
     assert worst == 0.0
     # tied: no lm_head in the file; transformers' lm_head is the embedding
     assert names == set(hf_smol_state_dict) - {"lm_head.weight"}
-    embed = dict(smol.weights())["model.embed_tokens.weight"]
+    embed = dict(smol.weights())["model.embed_tokens.weight"].dequantize()
     np.testing.assert_array_equal(hf_smol_state_dict["lm_head.weight"], embed)
 
 
@@ -201,8 +203,10 @@ def test_smollm2_config_comes_from_metadata(smol):
     assert c.bos_token_id == 1 and c.eos_token_ids == [2, 0]
 
 
-def test_weights_are_dequantized_one_at_a_time(smol, smol_path, monkeypatch):
-    raw = {t.name: t.data.nbytes for t in gguf.GGUFReader(smol_path).tensors}
+def test_matrices_stay_in_their_file_blocks_and_vectors_are_read_one_at_a_time(
+    smol, smol_path, monkeypatch
+):
+    raw = {t.name: t for t in gguf.GGUFReader(smol_path).tensors}
     seen = []
     real = gguf.quants.dequantize
     monkeypatch.setattr(
@@ -210,10 +214,13 @@ def test_weights_are_dequantized_one_at_a_time(smol, smol_path, monkeypatch):
     )
     weights = smol.weights()
     name, first = next(weights)
-    assert name == "model.embed_tokens.weight" and first.shape == (49152, 576)
-    assert sum(seen) == raw["token_embd.weight"]  # that tensor's bytes, and nothing else yet
-    next(weights)
-    assert sum(seen) == raw["token_embd.weight"] + raw["blk.0.attn_norm.weight"]
+    assert name == "model.embed_tokens.weight" and isinstance(first, QuantizedTensor)
+    assert first.qtype == Q.Q8_0 and first.shape == (49152, 576)
+    np.testing.assert_array_equal(first.data, raw["token_embd.weight"].data)  # the file's bytes
+    assert seen == []  # nothing dequantized
+    name, norm = next(weights)
+    assert name == "model.layers.0.input_layernorm.weight" and norm.dtype == np.float32
+    assert sum(seen) == raw["blk.0.attn_norm.weight"].data.nbytes
 
 
 # ---------------------------------------------------------------- SmolLM2: tokenizer
@@ -347,7 +354,7 @@ def test_tiny_model_weights_come_back_under_hf_names(tmp_path, arch):
     assert set(got) == set(expected)
     for name, weight in got.items():
         np.testing.assert_array_equal(
-            weight, expected[name], err_msg=name
+            dequantize_weight(weight), expected[name], err_msg=name
         )  # llama: Q/K un-permuted
     c = checkpoint.config
     assert (

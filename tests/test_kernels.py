@@ -1,4 +1,4 @@
-"""Every kernel of kernels/ matches the NumPy reference (nanovllm/backends/cpu.py) on the CUDA
+"""Every kernel of kernels/ matches the NumPy reference (nanovllm/backends/cpu_reference.py) on the CUDA
 emulator, through the CUDA backend's own launch code, in float32, float16 and bfloat16.
 
 Each case runs under the emulator's three thread schedules (a kernel that depends on the order

@@ -10,6 +10,7 @@ bit; matmuls must be within about two units in the last place of the output dtyp
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 from conftest import assert_matches
@@ -27,11 +28,14 @@ from nanovllm.backends.matmul_cases import (
     matmul_checks,
     random_blocks,
 )
+from nanovllm.backends.quantized import FusedQuantizedWeight, QuantizedWeight
 from nanovllm.errors import NanovllmError
+from nanovllm.models.quantized import QuantizedTensor, concat_rows
 
 SCHEDULES = ("forward", "reverse", "random")
 GGUF_DTYPES = ("float32", "float16")
 FORMATS = tuple(GGUF_FORMATS)
+Q3_K = gguf.GGMLQuantizationType.Q3_K
 
 
 def in_features_for(fmt: str) -> int:
@@ -106,7 +110,7 @@ def test_16_byte_loads_only_from_aligned_arrays(monkeypatch) -> None:
         fn = function(family, name)
 
         def launch(grid, block, args, shared_mem=0):
-            launches.append((name, args[1].ctypes.data % 16, int(args[-1])))
+            launches.append((name, args[1].ctypes.data % 16, int(args[-2])))
             fn(grid, block, args, shared_mem=shared_mem)
 
         return launch
@@ -117,7 +121,8 @@ def test_16_byte_loads_only_from_aligned_arrays(monkeypatch) -> None:
         assert_matches(case_matmul(backend, "float32", rng, (3,), x_offset=offset), "float32")
         results = case_quantized_matmul(backend, "float32", rng, "q8_0", (3,), x_offset=offset)
         assert_matches(results, "float32")
-    # (kernel, x address mod 16, last argument: vec for the dense kernel, split for GGUF)
+    # (kernel, x address mod 16, the argument before out_stride: vec for the dense kernel,
+    # split for GGUF)
     assert launches == [
         ("matmul_f32", 0, 1), ("matmul_q8_0_f32", 0, 1),
         ("matmul_f32", 4, 0), ("matmul_q8_0_f32", 0, 1),
@@ -219,6 +224,69 @@ def test_bias_rounds_as_on_a_gpu_on_each_path(emulated) -> None:
     assert backend._cublas_linear(x, weight, bias)[0, 0] == np.float16(1 + 2.0**-10)
 
 
+# ---- backend.weight(): matrices as the loader hands them -----------------------------------
+def stored(fmt: str, rows: int, cols: int, seed: int) -> QuantizedTensor:
+    blocks = random_blocks(fmt, rows, cols, np.random.default_rng(seed))
+    return QuantizedTensor(QTYPES[fmt], (rows, cols), blocks)
+
+
+def test_gguf_blocks_are_uploaded_as_they_are_and_other_types_become_dense(emulated) -> None:
+    backend = CUDABackend("float16", emulated=True)
+    q4k = stored("q4_k", 3, 256, 20)
+    kept = backend.weight(q4k)
+    assert isinstance(kept, QuantizedWeight) and kept.format == "q4_k"
+    assert np.array_equal(kept.data, q4k.data) and kept.nbytes == q4k.nbytes  # the file's bytes
+    half = np.random.default_rng(21).standard_normal((3, 8)).astype(np.float16)
+    dense = backend.weight(QuantizedTensor.from_array(half))
+    assert dense.dtype == np.float16 and np.array_equal(dense, half)
+    q3k = QuantizedTensor(
+        Q3_K, (2, 256), np.random.default_rng(22).integers(0, 256, (2, 110), np.uint8)
+    )
+    no_kernel = backend.weight(q3k)  # no kernels for Q3_K: dequantized at load
+    assert no_kernel.dtype == np.float16
+    assert np.array_equal(no_kernel, q3k.dequantize().astype(np.float16))
+
+
+def test_quantization_none_dequantizes_every_matrix_at_load() -> None:
+    backend = CUDABackend("float16", emulated=True, quantization="none")
+    q8 = stored("q8_0", 4, 64, 23)
+    dense = backend.weight(q8)
+    assert isinstance(dense, np.ndarray) and dense.dtype == np.float16
+    assert np.array_equal(dense, dequantized("q8_0", q8.data).astype(np.float16))
+    with pytest.raises(NanovllmError, match="quantization must be one of auto, none"):
+        CUDABackend("float16", emulated=True, quantization="gguf4")
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the kernel into column slices; cuBLAS, copied in
+def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(rows) -> None:
+    """Qwen2.5's Q4_K_M mix: q and k in Q5_0, v in Q8_0, fused into one qkv matmul."""
+    backend = CUDABackend("float32", emulated=True)
+    q, k, v = stored("q5_0", 9, 96, 24), stored("q5_0", 3, 96, 25), stored("q8_0", 3, 96, 26)
+    fused = backend.weight(concat_rows([q, k, v]))
+    assert isinstance(fused, FusedQuantizedWeight) and fused.shape == (15, 96)
+    assert [p.format for p in fused.parts] == ["q5_0", "q8_0"]
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    bias = rng.standard_normal(15).astype(np.float32)
+    weight = np.concatenate([p.dequantize() for p in (q, k, v)]).astype(np.float64)
+    want = x.astype(np.float64) @ weight.T + bias
+    got = backend.linear(x, fused, bias)
+    assert got.shape == (rows, 15)
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_writes_only_its_columns_of_a_wider_output() -> None:
+    backend = CUDABackend("float32", emulated=True)
+    rng = np.random.default_rng(28)
+    x, weight = rng.standard_normal((5, 40), np.float32), rng.standard_normal((6, 40), np.float32)
+    out = np.full((5, 10), -7.0, np.float32)
+    backend.matmul_kernel(x, weight, None, out=out[:, 2:8])
+    assert np.allclose(out[:, 2:8], x @ weight.T, atol=1e-4)
+    assert (out[:, :2] == -7).all() and (out[:, 8:] == -7).all()
+    with pytest.raises(NanovllmError, match="matmul output must be"):
+        backend.matmul_kernel(x, weight, None, out=out[:, :5])
+
+
 # ---- bad input ----------------------------------------------------------------------------
 def test_quantized_weight_refuses_other_types_and_wrong_shapes(emulated) -> None:
     backend = emulated("forward")
@@ -237,11 +305,23 @@ def test_linear_refuses_mismatched_features(emulated) -> None:
         backend.linear(np.ones((1, 7), np.float32), np.ones((3, 8), np.float32))
 
 
-def test_check_cases_cover_every_kernel_and_pass(emulated) -> None:
+def test_check_cases_cover_every_kernel_and_path_and_pass(emulated) -> None:
     checks = matmul_checks(emulated("forward"), ["float32"])
-    assert [name for name, _ in checks] == ["matmul float32"] + [
-        f"matmul {fmt.upper()} float32" for fmt in FORMATS
+    per_format = [
+        f"{op} {fmt.upper()} float32" for fmt in FORMATS for op in ("matmul", "linear", "embedding")
     ]
-    for name, case in checks:
-        ok, worst = compare(*case(np.random.default_rng(13)), "float32")
+    fused = f"linear fused {FORMATS[0].upper()}+{FORMATS[1].upper()} float32"
+    assert [name for name, _, _ in checks] == [
+        "matmul float32", "linear float32", "embedding float32", *per_format, fused
+    ]  # fmt: skip
+    for name, dtype, case in checks:
+        ok, worst = compare(*case(np.random.default_rng(13)), dtype)
         assert ok, f"{name}: {worst:.2f} x tolerance"
+
+
+def test_the_self_check_takes_only_the_formats_in_use(emulated) -> None:
+    checks = matmul_checks(emulated("forward"), ["float16"], ["dense", "q6_k"])
+    assert [name for name, _, _ in checks] == [
+        "matmul float16", "linear float16", "embedding float16",
+        "matmul Q6_K float16", "linear Q6_K float16", "embedding Q6_K float16",
+    ]  # fmt: skip

@@ -19,6 +19,7 @@ from nanovllm.backends.kernel_library import (
     kernel_source,
 )
 from nanovllm.backends.nvrtc_check import compile_family, parse_ptxas_log
+from nanovllm.errors import NanovllmError
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -162,3 +163,62 @@ def test_gguf_block_sizes_match_the_gguf_package() -> None:
 
     for name, (values, size) in GGUF_FORMATS.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] == (values, size)
+
+
+# ---- where the CUDA headers come from ---------------------------------------------------------
+def _headers(folder):
+    folder.mkdir(parents=True)
+    (folder / "cuda_fp16.h").write_text("// stand-in")
+    return folder
+
+
+def test_cuda_headers_are_found_in_the_cuda_13_wheel_layout_and_toolkits(tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from nanovllm.backends import kernel_library
+
+    cu13 = _headers(tmp_path / "site" / "nvidia" / "cu13" / "include")
+    specs = {
+        "nvidia": SimpleNamespace(submodule_search_locations=[str(tmp_path / "site" / "nvidia")])
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: specs.get(name))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "toolkit"))
+    monkeypatch.setattr(kernel_library, "DEFAULT_TOOLKITS", ())
+    assert kernel_library.cuda_include_dir() == cu13  # cupy-cuda13x's nvidia-cuda-runtime
+    specs.clear()
+    toolkit = _headers(tmp_path / "toolkit" / "include")
+    assert kernel_library.cuda_include_dir() == toolkit  # $CUDA_PATH
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(NanovllmError, match="nvidia-cuda-runtime"):
+        kernel_library.cuda_include_dir()
+
+
+def test_the_cuda_extra_check_accepts_cuda_13_wheels(tmp_path, monkeypatch):
+    """cupy-cuda13x with nvidia-cuda-nvrtc / nvidia-cuda-runtime 13 (what the lent GPU machines
+    have): no nvidia.cuda_nvrtc or nvidia.cuda_runtime module, NVRTC and headers in nvidia/cu13."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from nanovllm import extras
+    from nanovllm.backends import kernel_library
+
+    cu13 = tmp_path / "nvidia" / "cu13"
+    _headers(cu13 / "include")
+    specs = {
+        "cupy": object(),
+        "nvidia": SimpleNamespace(submodule_search_locations=[str(cu13.parent)]),
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: specs.get(name))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(kernel_library, "DEFAULT_TOOLKITS", ())
+    with pytest.raises(NanovllmError, match=r"missing: nvidia-cuda-nvrtc-cu12\)"):
+        extras.require_cuda_extra("--device cuda")  # headers found, NVRTC not
+    (cu13 / "lib").mkdir()
+    (cu13 / "lib" / "libnvrtc.so.13").write_bytes(b"")
+    extras.require_cuda_extra("--device cuda")
+    del specs["cupy"]
+    with pytest.raises(NanovllmError, match=r"missing: cupy-cuda12x\)"):
+        extras.require_cuda_extra("--device cuda")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nanovllm.backends.cpu import CPUBackend
+from nanovllm.backends.cpu_reference import ReferenceBackend
 from nanovllm.backends.kernel_cases import DTYPES, case_apply_token_bitmask, compare
 from nanovllm.structured.bitmask import (
     allocate_bitmask,
@@ -64,7 +64,7 @@ def test_reference_forbids_exactly_the_cleared_bits() -> None:
     vocab = 77
     masks = rng.integers(-(2**31), 2**31, (2, 3), dtype=np.int64).astype(np.int32)
     logits = rng.standard_normal((2, vocab)).astype(np.float32)
-    out = CPUBackend().apply_token_bitmask(logits.copy(), masks)
+    out = ReferenceBackend().apply_token_bitmask(logits.copy(), masks)
     for row in range(2):
         for token in range(vocab):
             allowed = (int(masks[row, token // 32]) >> (token % 32)) & 1

@@ -1,4 +1,5 @@
-"""Array backends: `cpu` (NumPy), `cuda` (CuPy + kernels/), `cuda-emulated` (kernels/ on the CPU)."""
+"""Array backends: `cpu` (compiled kernels on stored weights), `cpu-reference` (NumPy, float32),
+`cuda` (CuPy + kernels/) and `cuda-emulated` (kernels/ on the CPU)."""
 
 from __future__ import annotations
 
@@ -26,20 +27,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def get_backend(device: str = "auto", dtype: str = "auto") -> Backend:
+def get_backend(
+    device: str = "auto",
+    dtype: str = "auto",
+    num_threads: int | None = None,
+    quantization: str = "auto",
+) -> Backend:
+    """The backend for a device. num_threads: CPU threads of the compiled kernels and of BLAS
+    (None: the default of nanovllm/backends/cpu.py); ignored on a GPU. quantization "auto"
+    keeps quantized weights (GGUF blocks) in their stored form where the backend has kernels
+    for them, "none" dequantizes every weight at load (the reference backend always does)."""
     device = resolve_device(device)
-    if device == "cpu":
+    if device in ("cpu", "cpu-reference"):
         if dtype not in ("auto", "float32"):
             raise NanovllmError(
-                f"the cpu backend computes in float32; --dtype {dtype} needs --device cuda"
+                f"the {device} backend computes in float32; --dtype {dtype} needs --device cuda"
             )
-        from nanovllm.backends.cpu import CPUBackend
+        from nanovllm.backends.cpu_reference import ReferenceBackend
 
-        return CPUBackend(np.float32)
+        return ReferenceBackend(np.float32)
     if device in ("cuda", "cuda-emulated"):
         from nanovllm.backends.cuda import CUDABackend
 
         require_cuda_extra(f"--device {device}")
 
-        return CUDABackend(dtype, emulated=device == "cuda-emulated")
-    raise NanovllmError(f"unknown device {device!r}; use cpu, cuda or cuda-emulated")
+        return CUDABackend(dtype, emulated=device == "cuda-emulated", quantization=quantization)
+    raise NanovllmError(f"unknown device {device!r}; use cpu, cpu-reference, cuda or cuda-emulated")

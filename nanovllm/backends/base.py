@@ -124,11 +124,16 @@ class Backend(Protocol):
     def to_numpy(self, x: Array) -> np.ndarray: ...
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array: ...
 
-    def embedding(self, ids: Array, weight: Array) -> Array:
-        """[T] ids, [V, H] table -> [T, H]."""
+    def weight(self, tensor: Any) -> Any:
+        """A weight matrix [out, in] as the loader read it (a float array, or a QuantizedTensor /
+        FusedWeight of nanovllm/models/quantized.py) prepared for `linear` and `embedding`: the
+        reference and CUDA backends dequantize it, the compiled CPU backend keeps it stored."""
 
-    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
-        """[T, in] @ [out, in].T (+ bias) -> [T, out]."""
+    def embedding(self, ids: Array, weight: Any) -> Array:
+        """[T] ids, a prepared [V, H] weight -> [T, H]."""
+
+    def linear(self, x: Array, weight: Any, bias: Array | None = None) -> Array:
+        """[T, in] @ [out, in].T (+ bias) -> [T, out], with a prepared weight."""
 
     def rms_norm(
         self, x: Array, weight: Array, eps: float, residual: Array | None = None

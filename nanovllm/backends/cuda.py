@@ -11,14 +11,18 @@ of the width the kernel declares (CuPy would pass a Python int as a 64-bit integ
 
 Matmuls: a decode step's few rows run on kernels/matmul.cu, which reads each weight byte once
 (and is what a CUDA graph may hold: CuPy refuses cuBLAS while a stream is capturing); more rows
-go to cuBLAS. GGUF weights stay in their file's blocks (`quantized_weight`): decoded in
-registers for few rows, dequantized into a reused scratch buffer for cuBLAS otherwise.
+go to cuBLAS. GGUF weights stay in their file's blocks (`weight`, `quantized_weight`): decoded
+in registers for few rows, dequantized into a reused scratch buffer for cuBLAS otherwise; with
+quantization "none" they are dequantized to the compute dtype at load instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +33,7 @@ from nanovllm.backends.kernel_library import (
     ATTENTION_QUERY_VECTORS,
     ATTENTION_THREADS,
     DEQUANTIZE_THREADS,
+    GGUF_FORMATS,
     MATMUL_THREADS,
     MOE_ALIGN_THREADS,
     MOE_MAX_EXPERTS,
@@ -39,9 +44,16 @@ from nanovllm.backends.kernel_library import (
     attention_shared_bytes,
     matmul_geometry,
 )
-from nanovllm.backends.quantized import QuantizedWeight, gguf_format, row_bytes
+from nanovllm.backends.quantized import (
+    FusedQuantizedWeight,
+    QuantizedWeight,
+    gguf_format,
+    row_bytes,
+)
 from nanovllm.errors import NanovllmError
+from nanovllm.models.quantized import FusedWeight, QuantizedTensor
 
+QUANTIZATIONS = ("auto", "none")
 Array = Any
 COMPUTE_DTYPES = {"auto": np.float16, "float16": np.float16, "float32": np.float32}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -69,7 +81,12 @@ class CUDABackend:
         dtype: str = "float16",
         emulated: bool = False,
         emulator_options: dict[str, Any] | None = None,
+        quantization: str = "auto",
     ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise NanovllmError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+            )
         if dtype not in COMPUTE_DTYPES:
             raise NanovllmError(
                 f"the CUDA backend computes in float16 or float32, not {dtype}; bfloat16 "
@@ -78,12 +95,30 @@ class CUDABackend:
         self.name = "cuda-emulated" if emulated else "cuda"
         self.dtype = np.dtype(COMPUTE_DTYPES[dtype])
         self.emulated = emulated
+        self.keep_quantized = quantization == "auto"
         self.xp = np if emulated else _cupy()
         self.kernels = KernelLibrary(emulated, emulator_options)
         self._scratch: Array | None = None  # dequantized rows for cuBLAS, reused
+        self._kernels_only = False  # inside decode_matmuls()
+
+    def with_dtype(self, dtype: str) -> CUDABackend:
+        """The same device and kernels (compiled once) computing in another dtype."""
+        if dtype not in COMPUTE_DTYPES:
+            raise NanovllmError(f"the CUDA backend computes in float16 or float32, not {dtype}")
+        other = copy.copy(self)
+        other.dtype = np.dtype(COMPUTE_DTYPES[dtype])
+        other._scratch = None
+        return other
 
     # ---- capabilities ------------------------------------------------------------------------
     supports_decode_graphs = True  # decode steps replay CUDA graphs (padded eagerly if emulated)
+
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs: when the array module is CuPy (or,
+        in tests, a stand-in for it that enforces CuPy's rules); plain NumPy on the emulated
+        device runs the same padded steps eagerly."""
+        return hasattr(self.xp, "cuda")
 
     def check_model(self, config) -> None:
         """Refuse, before any weight is loaded, a model these kernels cannot run."""
@@ -101,8 +136,9 @@ class CUDABackend:
         return not self.emulated
 
     def memory_info(self) -> tuple[int, int] | None:
-        """(free, total) device bytes for sizing the KV cache; None on the emulated device."""
-        if self.emulated:
+        """(free, total) device bytes for sizing the KV cache; None on the emulated device (unless
+        a test gave it a stand-in for CuPy with a device behind it)."""
+        if not hasattr(self.xp, "cuda"):
             return None
         free, total = self.xp.cuda.runtime.memGetInfo()
         # Memory CuPy's pool holds but no array uses is free for the cache too.
@@ -117,6 +153,29 @@ class CUDABackend:
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.get() if hasattr(x, "get") else np.asarray(x)
+
+    def weight(self, tensor: Any) -> Array | QuantizedWeight | FusedQuantizedWeight:
+        """A weight matrix as the loader read it, prepared for linear() and embedding(): GGUF
+        blocks of a format kernels/ decodes are uploaded as they are (unless quantization is
+        "none"); everything else becomes a dense array in the compute dtype. A fused matrix of
+        mixed types keeps each part in its own form."""
+        if isinstance(tensor, QuantizedTensor):
+            return self._stored_weight(tensor)
+        if isinstance(tensor, FusedWeight):
+            parts = tuple(self._stored_weight(part) for part in tensor.parts)
+            if any(isinstance(part, QuantizedWeight) for part in parts):
+                return FusedQuantizedWeight(parts)
+            return self.xp.concatenate(parts)
+        return self.asarray(np.asarray(tensor), self.dtype)
+
+    def _stored_weight(self, tensor: QuantizedTensor) -> Array | QuantizedWeight:
+        name = tensor.qtype.name.lower()
+        if self.keep_quantized and name in GGUF_FORMATS:
+            return self.quantized_weight(tensor.qtype, tensor.shape, tensor.data)
+        if name == "f16" and self.dtype == np.float16:  # the file's bytes, no float32 detour
+            return self.asarray(tensor.data.view(np.float16))
+        # F32, BF16, the GGUF types without kernels (Q2_K, Q3_K), or quantization "none".
+        return self.asarray(tensor.dequantize(), self.dtype)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Array:
         return self.xp.zeros(shape, dtype=dtype or self.dtype)
@@ -138,6 +197,8 @@ class CUDABackend:
         return QuantizedWeight(fmt, (rows, cols), self.xp.ascontiguousarray(self.xp.asarray(data)))
 
     def embedding(self, ids: Array, weight: Array | QuantizedWeight) -> Array:
+        if isinstance(weight, FusedQuantizedWeight):
+            raise NanovllmError("an embedding table cannot be a fused weight")
         if isinstance(weight, QuantizedWeight):
             rows = self.dequantize(weight, self.dtype, ids)
             return rows.reshape(*ids.shape, weight.shape[1])
@@ -151,17 +212,45 @@ class CUDABackend:
                 f"takes {in_features}"
             )
         rows = x.reshape(-1, in_features)
-        if isinstance(weight, QuantizedWeight):
-            out = self._quantized_linear(rows, weight, bias)
-        elif len(rows) <= DENSE_KERNEL_MAX_ROWS or self._capturing():
-            out = self.matmul_kernel(rows, weight, bias)
+        if isinstance(weight, FusedQuantizedWeight):
+            out = self._fused_linear(rows, weight, bias)
         else:
-            out = self._cublas_linear(rows, weight, bias)
+            out = self._linear(rows, weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    def _linear(self, x: Array, weight: Array | QuantizedWeight, bias: Array | None) -> Array:
+        if isinstance(weight, QuantizedWeight):
+            return self._quantized_linear(x, weight, bias)
+        if self._kernel_rows(len(x), weight):
+            return self.matmul_kernel(x, weight, bias)
+        return self._cublas_linear(x, weight, bias)
+
+    def _fused_linear(self, x: Array, weight: FusedQuantizedWeight, bias: Array | None) -> Array:
+        """One matmul per part, each into its columns of one output: the kernel writes there
+        directly (rows of `out` are N apart, wider than the part); the cuBLAS paths, which run
+        only eagerly for many rows, copy their result in."""
+        out = self.xp.empty((len(x), weight.shape[0]), dtype=x.dtype)
+        start = 0
+        for part in weight.parts:
+            stop = start + part.shape[0]
+            columns = out[:, start:stop]
+            part_bias = None if bias is None else bias[start:stop]
+            if self._kernel_rows(len(x), part):
+                self.matmul_kernel(x, part, part_bias, out=columns)
+            else:
+                columns[...] = self._linear(x, part, part_bias)
+            start = stop
+        return out
+
+    def _kernel_rows(self, rows: int, weight: Array | QuantizedWeight) -> bool:
+        """Whether linear() runs a matmul of this many rows on kernels/matmul.cu."""
+        quantized = isinstance(weight, QuantizedWeight)
+        limit = QUANTIZED_KERNEL_MAX_ROWS if quantized else DENSE_KERNEL_MAX_ROWS
+        return rows <= limit or self._kernels_only or self._capturing()
 
     def _quantized_linear(self, x: Array, weight: QuantizedWeight, bias: Array | None) -> Array:
         _check_gguf_dtype(x.dtype)
-        if len(x) <= QUANTIZED_KERNEL_MAX_ROWS or self._capturing():
+        if self._kernel_rows(len(x), weight):
             return self.matmul_kernel(x, weight, bias)
         rows, cols = weight.shape
         chunk = max(1, DEQUANTIZE_SCRATCH_BYTES // (cols * x.itemsize))
@@ -189,11 +278,16 @@ class CUDABackend:
         return out
 
     def matmul_kernel(
-        self, x: Array, weight: Array | QuantizedWeight, bias: Array | None = None
+        self,
+        x: Array,
+        weight: Array | QuantizedWeight,
+        bias: Array | None = None,
+        out: Array | None = None,
     ) -> Array:
         """[M, K] @ weight.T (+ bias) on kernels/matmul.cu, whatever M: what linear() runs for
         few rows and inside a graph capture. Float32 sums; the bias is added before the one
-        rounding to the dtype."""
+        rounding to the dtype. `out`, if given, is an [M, N] array of x's dtype whose rows may
+        be further apart than N (columns of a wider output)."""
         quantized = isinstance(weight, QuantizedWeight)
         if quantized:
             _check_gguf_dtype(x.dtype)
@@ -202,25 +296,27 @@ class CUDABackend:
             x = x.copy()  # the GGUF kernels read x 16 bytes at a time; a new array is aligned
         m, k = x.shape
         n = weight.shape[0]
-        out = self.xp.empty((m, n), dtype=x.dtype)
+        out = self.xp.empty((m, n), dtype=x.dtype) if out is None else out
+        stride = _row_stride(out, (m, n), x.dtype)
         if m == 0 or n == 0:
             return out
         if bias is not None:
             bias = self._contiguous(bias, x.dtype)
         sizes = (np.int32(m), np.int32(n), np.int32(k))
+        target = self._span(out, stride)
         if quantized:
             blocks, split = matmul_geometry(m, n, k // 32)
             fn = self.kernels.function("matmul", f"matmul_{weight.format}_{_SUFFIX[x.dtype]}")
             row_bytes = np.int64(weight.data.shape[1])
-            args = (out, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
+            args = (target, x, weight.data, bias, *sizes, row_bytes, np.int32(split))
         else:
             _check_same_dtype(x, weight)
             weight = self._contiguous(weight, x.dtype)
             blocks, split = matmul_geometry(m, n, -(-k // 8))
             vec = k % 8 == 0 and _address(x) % 16 == 0 and _address(weight) % 16 == 0
             fn = self._kernel("matmul", "matmul", x.dtype)
-            args = (out, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
-        fn((blocks,), (MATMUL_THREADS,), args)
+            args = (target, x, weight, bias, *sizes, np.int32(split), np.int32(vec))
+        fn((blocks,), (MATMUL_THREADS,), (*args, np.int64(stride)))
         return out
 
     def dequantize(
@@ -265,6 +361,18 @@ class CUDABackend:
             self._scratch = None  # let the pool reuse the old buffer's memory
             self._scratch = self.xp.empty(size, dtype=np.uint8)
         return self._scratch[:size].view(dtype).reshape(count, cols)
+
+    @contextlib.contextmanager
+    def decode_matmuls(self) -> Iterator[None]:
+        """Inside, linear() runs every matmul on kernels/matmul.cu whatever its row count: the
+        padded decode step a CUDA graph holds, so its warm-up before capture (and its eager run
+        on the emulated device) is the same computation as the graph, and allocates what the
+        graph will (no dequantize scratch, no cuBLAS workspace in the graphs' pool)."""
+        previous, self._kernels_only = self._kernels_only, True
+        try:
+            yield
+        finally:
+            self._kernels_only = previous
 
     def _capturing(self) -> bool:
         """Whether the current stream is being captured into a CUDA graph, where CuPy refuses
@@ -552,6 +660,18 @@ def _address(x: Array) -> int:
     return data.ptr if hasattr(data, "ptr") else x.ctypes.data
 
 
+def _row_stride(out: Array, shape: tuple[int, int], dtype: Any) -> int:
+    """The distance in elements between rows of a matmul's output, which must be `shape`, of
+    `dtype`, with contiguous rows."""
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise NanovllmError(
+            f"matmul output must be {dtype} {shape}, got {out.dtype} {tuple(out.shape)}"
+        )
+    if shape[1] > 1 and out.strides[1] != out.itemsize:
+        raise NanovllmError("matmul output rows must be contiguous")
+    return out.strides[0] // out.itemsize if shape[0] > 1 else shape[1]
+
+
 def _threads(work: int, limit: int = 1024) -> int:
     """Threads per block for `work` independent items: a multiple of 32, at most `limit`."""
     return max(32, min(limit, -(-work // 32) * 32))
@@ -580,8 +700,8 @@ def _check_cache(k_cache: Array, v_cache: Array, dtype: Any) -> None:
 
 
 def _warn_if_overflows_float16(x: Any) -> None:
-    """Warn when converting a wider float array to float16 turns values into inf."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.dtype.itemsize <= 2 or not x.size:
+    """Warn when converting a wider float host array to float16 turns values into inf."""
+    if type(x) is not np.ndarray or x.dtype.kind != "f" or x.dtype.itemsize <= 2 or not x.size:
         return
     peak = float(np.abs(x).max())
     if peak > FLOAT16_MAX:

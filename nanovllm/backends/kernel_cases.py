@@ -1,5 +1,5 @@
 """Kernel cases: random inputs run through a backend's op and through the NumPy reference
-(nanovllm/backends/cpu.py), in float32, float16 and bfloat16. `nanovllm check`, the engine's
+(nanovllm/backends/cpu_reference.py), in float32, float16 and bfloat16. `nanovllm check`, the engine's
 start-up self-check and tests/test_kernels.py (through the CUDA emulator) all run these.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanovllm.backends.base import AttentionInputs, AttentionMetadata, slots_of
-from nanovllm.backends.cpu import CPUBackend
+from nanovllm.backends.cpu_reference import ReferenceBackend
 from nanovllm.backends.cuda import CUDABackend, from_storage, to_storage
 from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
 
@@ -50,7 +50,7 @@ def case_rms_norm(backend, dtype, rng, tokens=5, hidden=96, residual=False) -> R
     weight = _random(rng, (hidden,), dtype) * 0.5 + 1.0
     weight = from_storage(to_storage(weight, dtype))
     res = _random(rng, (tokens, hidden), dtype) if residual else None
-    ref = CPUBackend().rms_norm(x, weight, 1e-5, res)
+    ref = ReferenceBackend().rms_norm(x, weight, 1e-5, res)
     dev_res = _device(backend, res, dtype) if residual else None
     out = backend.rms_norm(
         _device(backend, x, dtype), _device(backend, weight, dtype), 1e-5, dev_res
@@ -79,7 +79,7 @@ def case_head_norm(backend, dtype, rng, tokens=3, heads=4, kv_heads=2, head_dim=
     q_ref, _, _ = _views(qkv, heads, kv_heads, head_dim)
     q_dev, _, _ = _views(_device(backend, qkv, dtype), heads, kv_heads, head_dim)
     out, _ = backend.rms_norm(q_dev, _device(backend, weight, dtype), 1e-6)
-    return [_host(backend, out)], [CPUBackend().rms_norm(q_ref, weight, 1e-6)[0]]
+    return [_host(backend, out)], [ReferenceBackend().rms_norm(q_ref, weight, 1e-6)[0]]
 
 
 def case_rotary(backend, dtype, rng, tokens=5, heads=4, kv_heads=2, head_dim=32) -> Results:
@@ -91,20 +91,20 @@ def case_rotary(backend, dtype, rng, tokens=5, heads=4, kv_heads=2, head_dim=32)
     q_ref, k_ref, _ = _views(qkv, heads, kv_heads, head_dim)
     q_dev, k_dev, _ = _views(_device(backend, qkv, dtype), heads, kv_heads, head_dim)
     out = backend.rotary(q_dev, k_dev, backend.asarray(positions), backend.asarray(table))
-    ref = CPUBackend().rotary(q_ref, k_ref, positions, table)
+    ref = ReferenceBackend().rotary(q_ref, k_ref, positions, table)
     return [_host(backend, a) for a in out], list(ref)
 
 
 def case_silu_and_mul(backend, dtype, rng, tokens=5, width=80) -> Results:
     x = _random(rng, (tokens, 2 * width), dtype, scale=3.0)
     out = backend.silu_and_mul(_device(backend, x, dtype))
-    return [_host(backend, out)], [CPUBackend().silu_and_mul(x)]
+    return [_host(backend, out)], [ReferenceBackend().silu_and_mul(x)]
 
 
 def case_gelu_tanh_and_mul(backend, dtype, rng, tokens=5, width=80) -> Results:
     x = _random(rng, (tokens, 2 * width), dtype, scale=3.0)
     out = backend.gelu_tanh_and_mul(_device(backend, x, dtype))
-    return [_host(backend, out)], [CPUBackend().gelu_tanh_and_mul(x)]
+    return [_host(backend, out)], [ReferenceBackend().gelu_tanh_and_mul(x)]
 
 
 def _router_logits(rng, dtype, tokens: int, experts: int) -> np.ndarray:
@@ -117,7 +117,7 @@ def _router_logits(rng, dtype, tokens: int, experts: int) -> np.ndarray:
 def case_moe_route(backend, dtype, rng, tokens=7, experts=40, top_k=4, renormalize=True) -> Results:
     logits = _router_logits(rng, dtype, tokens, experts)
     weights, ids = backend.moe_route(_device(backend, logits, dtype), top_k, renormalize)
-    ref_weights, ref_ids = CPUBackend().moe_route(logits, top_k, renormalize)
+    ref_weights, ref_ids = ReferenceBackend().moe_route(logits, top_k, renormalize)
     got = [backend.to_numpy(weights), backend.to_numpy(ids).astype(np.float32)]
     return got, [ref_weights, ref_ids.astype(np.float32)]
 
@@ -136,7 +136,7 @@ def case_moe_experts(
         dtype=np.int32,
     )
     weights = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
-    ref = CPUBackend().moe_experts(x, gate_up, down, weights, ids)
+    ref = ReferenceBackend().moe_experts(x, gate_up, down, weights, ids)
     dev = [_device(backend, a, dtype) for a in (x, gate_up, down)]
     out = backend.moe_experts(*dev, backend.asarray(weights), backend.asarray(ids))
     return [_host(backend, out)], [ref]
@@ -153,7 +153,7 @@ def case_write_kv(
     _, k_dev, v_dev = _views(_device(backend, qkv, dtype), kv_heads, kv_heads, head_dim)
     dev_caches = [_device(backend, c, dtype) for c in caches]
     backend.write_kv(k_dev, v_dev, *dev_caches, backend.asarray(slots))
-    CPUBackend().write_kv(k_ref, v_ref, *caches, slots)
+    ReferenceBackend().write_kv(k_ref, v_ref, *caches, slots)
     return [_host(backend, c) for c in dev_caches], caches
 
 
@@ -224,7 +224,7 @@ def case_paged_attention(
     k_cache, v_cache = _random(rng, shape, dtype), _random(rng, shape, dtype)
     scale = 1.0 / np.sqrt(head_dim)
     # The reference reads only the host copies of the metadata.
-    ref = CPUBackend().paged_attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
+    ref = ReferenceBackend().paged_attention(q, k_cache, v_cache, meta, scale, window, soft_cap)
     out = backend.paged_attention(
         _device(backend, q, dtype),
         _device(backend, k_cache, dtype),
@@ -274,14 +274,24 @@ def kernel_checks(
     for head_dim in head_dims:
         kwargs = {"head_dim": head_dim, "block_size": 16, "seqs": ((5, 40), (1, 150), (2, 2))}
         cases.append((f"paged_attention d{head_dim}", case_paged_attention, kwargs))
+    checks = [
+        (f"{name} {dtype}", dtype, lambda rng, c=case, d=dtype, k=kwargs: c(backend, d, rng, **k))
+        for dtype in dtypes
+        for name, case, kwargs in cases
+    ]
+    return run_checks(checks, seed)
+
+
+def run_checks(checks: Sequence[tuple[str, str, Callable]], seed: int = 0) -> list[CheckResult]:
+    """Run (name, dtype, case) checks, case(rng) -> Results, each on a fresh generator and
+    within the dtype's tolerance. A case that raises is a failed check, not a crash."""
     results = []
-    for dtype in dtypes:
-        for name, case, kwargs in cases:
-            rng = np.random.default_rng(seed)
-            try:
-                ok, worst = compare(*case(backend, dtype, rng, **kwargs), dtype)
-                detail = f"max error {worst:.2f} x tolerance"
-            except Exception as exc:  # a launch failure is a failed check, not a crash
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            results.append(CheckResult(f"{name} {dtype}", ok, detail))
+    for name, dtype, case in checks:
+        rng = np.random.default_rng(seed)
+        try:
+            ok, worst = compare(*case(rng), dtype)
+            detail = f"max error {worst:.2f} x tolerance"
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append(CheckResult(name, ok, detail))
     return results

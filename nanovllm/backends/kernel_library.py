@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.resources
 import importlib.util
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -106,17 +107,38 @@ def sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+DEFAULT_TOOLKITS = ("/usr/local/cuda",)
+
+
 def cuda_include_dir() -> Path:
-    """cuda_fp16.h / cuda_bf16.h from the `nvidia-cuda-runtime-cu12` pip package."""
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    roots = (spec.submodule_search_locations or []) if spec is not None else []
-    for root in roots:
-        include = Path(root) / "include"
+    """The folder holding cuda_fp16.h / cuda_bf16.h, which NVRTC needs on its include path:
+    from NVIDIA's pip wheels (CUDA 12's `nvidia-cuda-runtime-cu12` puts them in
+    nvidia/cuda_runtime/include, CUDA 13's `nvidia-cuda-runtime` in nvidia/cu13/include), else
+    from a CUDA toolkit ($CUDA_PATH, $CUDA_HOME, /usr/local/cuda)."""
+    for include in _include_candidates():
         if (include / "cuda_fp16.h").exists():
             return include
     raise NanovllmError(
-        "CUDA headers not found: pip install nvidia-cuda-runtime-cu12 (or nanovllm[cuda])"
+        "CUDA headers (cuda_fp16.h) not found: pip install nvidia-cuda-runtime-cu12 (CUDA 12) or "
+        "nvidia-cuda-runtime (CUDA 13), or set CUDA_PATH to a CUDA toolkit"
     )
+
+
+def _include_candidates() -> list[Path]:
+    found = []
+    for package in ("nvidia.cuda_runtime", "nvidia"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        for root in (spec.submodule_search_locations or []) if spec is not None else []:
+            root = Path(root)
+            if package == "nvidia":  # CUDA 13+ wheels: one folder per major version
+                found += [path / "include" for path in sorted(root.glob("cu[0-9]*"), reverse=True)]
+            else:
+                found.append(root / "include")
+    toolkits = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), *DEFAULT_TOOLKITS]
+    return found + [Path(path) / "include" for path in toolkits if path]
 
 
 def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:

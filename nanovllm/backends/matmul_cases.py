@@ -1,5 +1,6 @@
 """Op cases for the matmul and GGUF kernels: random inputs, the CUDA backend's result and the
-reference, shared by tests/test_kernels_matmul.py (on the emulator) and `nanovllm check`.
+reference, shared by tests/test_kernels_matmul.py (on the emulator), `nanovllm check` and the
+start-up self-check (backends/self_check.py), which runs those of the formats a model uses.
 
 The references are NumPy in float64 on the same rounded inputs, and the `gguf` package's own
 dequantization for every quantized format. Quantized blocks come from `gguf.quants.quantize`
@@ -16,6 +17,7 @@ import numpy as np
 
 from nanovllm.backends.cuda import CUDABackend, from_storage, to_storage
 from nanovllm.backends.kernel_library import GGUF_FORMATS
+from nanovllm.models.quantized import QuantizedTensor, concat_rows
 
 Results = tuple[list[np.ndarray], list[np.ndarray]]  # (kernel outputs, reference), float32
 QTYPES = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_FORMATS}
@@ -23,6 +25,10 @@ QTYPES = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_FORMATS
 _K_QUANT_SCALES = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 # M, the row counts a decode step may have: one tile (4 rows), several, and partial tiles.
 DECODE_ROWS = (1, 2, 3, 5, 8, 16, 33)
+# Row counts on both sides of linear()'s thresholds: our kernel, then cuBLAS (dense) or
+# dequantize + cuBLAS (GGUF).
+LINEAR_ROWS = (1, 8, 40)
+DENSE = "dense"
 
 
 def random_values(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
@@ -143,18 +149,82 @@ def dequantize_exactly(
     ]
 
 
-def matmul_checks(backend: CUDABackend, dtypes: Sequence[str]) -> list[tuple[str, Callable]]:
-    """(name, case) pairs for `nanovllm check`: each case(rng) returns Results in its dtype."""
+def stored_matrix(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> QuantizedTensor:
+    """A random matrix as the loader hands it: GGUF blocks, or float16 rows for DENSE."""
+    if fmt == DENSE:
+        values = random_values(rng, (rows, cols), "float16", cols**-0.5).astype(np.float16)
+        return QuantizedTensor.from_array(values)
+    return QuantizedTensor(QTYPES[fmt], (rows, cols), random_blocks(fmt, rows, cols, rng))
+
+
+def case_linear(
+    backend: CUDABackend,
+    dtype: str,
+    rng: np.random.Generator,
+    fmts: Sequence[str] = (DENSE,),
+    rows: Sequence[int] = LINEAR_ROWS,
+    out_features: int = 19,
+    in_features: int = 512,
+) -> Results:
+    """backend.linear() with a bias, through backend.weight() as the model calls it, at row
+    counts on both sides of the kernel/cuBLAS thresholds. Several formats: a fused weight whose
+    rows are one part per format (one matmul per part into its columns)."""
+    parts = [stored_matrix(fmt, out_features, in_features, rng) for fmt in fmts]
+    weight = np.concatenate([p.dequantize() for p in parts])
+    device_weight = backend.weight(concat_rows(parts) if len(parts) > 1 else parts[0])
+    b = random_values(rng, (len(weight),), dtype)
+    dev_b = backend.asarray(to_storage(b, dtype))
+    x_scale = 1.0 / max(1e-6, float(np.sqrt(np.mean(weight**2) * in_features)))
+    got, want = [], []
+    for m in rows:
+        x = random_values(rng, (m, in_features), dtype, x_scale)
+        out = backend.linear(backend.asarray(to_storage(x, dtype)), device_weight, dev_b)
+        got.append(from_storage(backend.to_numpy(out)))
+        want.append(_reference(x, weight, b))
+    return got, want
+
+
+def case_embedding(
+    backend: CUDABackend, dtype: str, rng: np.random.Generator, fmt: str = DENSE
+) -> Results:
+    """Rows of a token table (dense, or GGUF blocks dequantized by id), repeated ids included."""
+    table = stored_matrix(fmt, 37, 256, rng)
+    device_table = backend.weight(table)
+    ids = rng.integers(0, 37, 11)
+    ids[-1] = ids[0]
+    rows = backend.embedding(backend.asarray(ids.astype(np.int64)), device_table)
+    want = from_storage(to_storage(table.dequantize(), dtype))[ids]
+    return [from_storage(backend.to_numpy(rows))], [want]
+
+
+def matmul_checks(
+    backend: CUDABackend, dtypes: Sequence[str], formats: Sequence[str] | None = None
+) -> list[tuple[str, str, Callable]]:
+    """(name, dtype, case) triples for `nanovllm check` and the self-check, case(rng) -> Results:
+    the decode kernel at every decode row count, linear() on each of its paths, and embedding,
+    dense and for each GGUF format in `formats` (default: all); with two or more formats, a
+    fused weight of mixed parts."""
+    formats = list(GGUF_FORMATS) if formats is None else [f for f in formats if f != DENSE]
     checks = []
     for dtype in dtypes:
-        checks.append((f"matmul {dtype}", lambda rng, d=dtype: case_matmul(backend, d, rng)))
+        # linear() and embedding() take weights prepared in the backend's own dtype.
+        same = (
+            backend if backend.dtype == dtype or dtype == "bfloat16" else backend.with_dtype(dtype)
+        )
+
+        def add(name: str, case: Callable, d: str = dtype, b=same, **kwargs) -> None:
+            checks.append((f"{name} {d}", d, lambda rng: case(b, d, rng, **kwargs)))
+
+        add("matmul", case_matmul)
         if dtype == "bfloat16":
-            continue  # the GGUF kernels take the dtypes the backend computes in
-        for fmt in GGUF_FORMATS:
-            checks.append(
-                (
-                    f"matmul {fmt.upper()} {dtype}",
-                    lambda rng, d=dtype, f=fmt: case_quantized_matmul(backend, d, rng, f),
-                )
-            )
+            continue  # the backend computes in float32 or float16; only the kernel takes bf16
+        add("linear", case_linear)
+        add("embedding", case_embedding)
+        for fmt in formats:
+            name = fmt.upper()
+            add(f"matmul {name}", case_quantized_matmul, fmt=fmt)
+            add(f"linear {name}", case_linear, fmts=(fmt,))
+            add(f"embedding {name}", case_embedding, fmt=fmt)
+        if len(formats) > 1:
+            add(f"linear fused {'+'.join(formats[:2]).upper()}", case_linear, fmts=formats[:2])
     return checks

@@ -1,5 +1,6 @@
-"""GGUF-quantized matrices on the CUDA backend: the block formats kernels/ decode, and the record
-of one matrix kept on the device exactly as the file stores it.
+"""GGUF-quantized matrices on the CUDA backend: the block formats kernels/ decode, the record of
+one matrix kept on the device exactly as the file stores it, and of a fused matrix whose parts
+are stored in different formats.
 
 A GGUF file stores a [rows, cols] matrix row by row, each row cols / block_values blocks of
 block_bytes bytes (kernels/gguf_blocks.cuh spells out every layout). The backend uploads those
@@ -29,6 +30,24 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+
+@dataclass(slots=True)
+class FusedQuantizedWeight:
+    """Rows of several matrices used as one (q/k/v, gate/up) whose parts have different types:
+    Qwen2.5's Q4_K_M file stores attn_v as Q8_0 or Q6_K next to a Q5_0 attn_q. Each part is a
+    QuantizedWeight or a dense array; linear() runs one matmul per part into its columns of the
+    output."""
+
+    parts: tuple[Any, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.parts)
 
 
 def gguf_format(qtype: Any) -> str:

@@ -6,8 +6,10 @@ a fake that records what it is asked) without patching anything afterwards.
 
 What happens at start-up, in order: the checkpoint (and a draft model's) is read; the backend is
 chosen and refuses, before any weight is loaded, a model whose head_dim or dtype it has no
-kernel for; the weights are loaded; the backend's start-up check runs for every head_dim in use;
-the KV cache is sized for the target and the draft together; the parts are built.
+kernel for; the weights are loaded (their memory is logged); the backend's start-up check runs
+for every head_dim, matmul path and weight format in use, with one step of each model against
+the reference; the KV cache is sized for the target and the draft together; the parts are
+built.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     for model in (config.model, config.draft_model):
         if model is not None:
             check_model_exists(model)
-    backend = get_backend(config.device, config.dtype)
+    backend = get_backend(config.device, config.dtype, quantization=config.quantization)
     logger.info("set up the %s backend in %.1f s", backend.name, time.perf_counter() - start)
     with phase(f"reading {config.model} (config, tokenizer)", f"read {config.model}"):
         checkpoint = load_checkpoint(config.model, config.tokenizer)
@@ -70,11 +72,15 @@ def build_engine(config: EngineConfig) -> LLMEngine:
             build_model(checkpoint, backend, limit, weight_progress),
             build_model(draft, backend, limit, weight_progress) if draft is not None else None,
         )
+    _report_weights(backend, models)
     if backend.needs_startup_check:
-        from nanovllm.backends.self_check import startup_self_check
+        from nanovllm.backends.self_check import LoadedForCheck, startup_self_check
 
-        with phase("checking the kernels on the device", "start-up self-check"):
-            startup_self_check(backend, sorted({c.head_dim for c in configs}))
+        loaded = [LoadedForCheck(models.target, checkpoint, config.model)]
+        if draft is not None:
+            loaded.append(LoadedForCheck(models.draft, draft, config.draft_model))
+        with phase("checking the kernels and the model on the device", "start-up self-check"):
+            startup_self_check(backend, sorted({c.head_dim for c in configs}), loaded)
     engine = assemble(config, model_info(checkpoint, limit), backend, models)
     logger.info(
         "engine ready in %.1f s: %s on %s, KV cache of %d blocks x %d tokens, max_model_len %d",
@@ -108,7 +114,8 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     """An engine from loaded models. info.max_model_len is the model's limit before the KV
     cache's capacity caps it."""
     configs = [models.target.config] + ([models.draft.config] if models.draft else [])
-    num_blocks = num_kv_blocks(config, backend, configs)
+    loaded = [models.target] + ([models.draft] if models.draft else [])
+    num_blocks = num_kv_blocks(config, backend, configs, loaded)
     window = attention_window(configs)
     info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, window)
     eos = info.eos_token_ids
@@ -158,6 +165,16 @@ def _engine_around(
     scheduler = Scheduler(config, manager, k, info.max_model_len, window)
     processor = OutputProcessor(info.tokenizer, info.eos_token_ids, info.max_model_len)
     return LLMEngine(config, info, scheduler, runner, processor)
+
+
+def _report_weights(backend: Backend, models: Models) -> None:
+    from nanovllm.backends.memory import weight_memory
+
+    where = "device" if backend.name.startswith("cuda") else "host"
+    for role, model in (("model", models.target), ("draft model", models.draft)):
+        if model is not None:
+            memory = weight_memory(model)
+            logger.info("%s weights: %s in %s memory", role, memory.describe(), where)
 
 
 def num_speculative_slots(config: EngineConfig) -> int:
@@ -217,18 +234,34 @@ def _fit_length(config: EngineConfig, limit: int, num_blocks: int, window: int =
     return min(limit, capacity)
 
 
-def num_kv_blocks(config: EngineConfig, backend: Backend, configs: list[ModelConfig]) -> int:
+def num_kv_blocks(
+    config: EngineConfig, backend: Backend, configs: list[ModelConfig], models: list | None = None
+) -> int:
     """`--num-blocks auto` sizes the KV cache from free device memory once the weights are
-    loaded, for the target and the draft model together (they share block tables); a backend
-    without device memory to size from gets the default."""
+    loaded, for the target and the draft model together (they share block tables), keeping out
+    a reserve for what steps allocate (nanovllm/backends/memory.py); a backend without device
+    memory to size from gets the default. `models`: the loaded models, whose GGUF weights
+    decide the dequantize scratch."""
     if config.num_blocks != "auto":
         return config.num_blocks
     memory = backend.memory_info()
     if memory is None:
         return DEFAULT_NUM_BLOCKS
-    from nanovllm.backends.memory import kv_blocks_for_memory
+    from nanovllm.backends.cuda import DEQUANTIZE_SCRATCH_BYTES
+    from nanovllm.backends.memory import dequantize_scratch_bytes, kv_blocks_for_memory
 
-    return kv_blocks_for_memory(config, configs, backend.dtype, *memory)
+    graphs = getattr(backend, "captures_graphs", False) and not config.enforce_eager
+    scratch = dequantize_scratch_bytes(models or [], backend.dtype, DEQUANTIZE_SCRATCH_BYTES)
+    blocks, reserve = kv_blocks_for_memory(
+        config, configs, backend.dtype, *memory, graphs=graphs, scratch_bytes=scratch
+    )
+    free, total = memory
+    logger.info(
+        "KV cache: %d blocks of %d tokens; %.2f GiB of %.2f GiB in use, %.2f GiB reserved (%s)",
+        blocks, config.block_size, (total - free) / 2**30, total / 2**30, reserve.total / 2**30,
+        reserve.describe(),
+    )  # fmt: skip
+    return blocks
 
 
 def _proposer(config: EngineConfig, backend: Backend, draft, num_blocks: int, eos: list[int]):

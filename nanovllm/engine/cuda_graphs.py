@@ -10,16 +10,18 @@ context length 1 and block table row of zeros (paged attention reads key 0 of bl
 always exists), token 0 at position 0; their logits are computed and dropped.
 
 What runs where:
-- On the GPU and on the emulated device alike (tested without a GPU): bucket choice, the static
-  buffers and their padding, the padded forward that a graph holds, the check of each bucket's
-  first replay against an eager step of the same inputs, and the fall-back to eager decoding
-  for good when they differ. On the emulated device the padded forward simply runs eagerly at
-  each step where a GPU would replay it.
-- Only on a GPU, never run where this was written (no GPU there): `CapturedGraphs` — capture
-  into a private memory pool, replay — plus pinned host buffers and asynchronous uploads. Those
-  few CuPy calls sit in `CapturedGraphs`, `_host_empty` and `DecodeGraphRunner._upload`; the
-  engine's start-up on a GPU captures and then runs `self_check`, which compares a replay of
-  every bucket with the eager step before any request is served.
+- On the GPU and on the emulated device alike: bucket choice, the static buffers and their
+  padding, the padded forward that a graph holds, the check of each bucket's first replay
+  against an eager step of the same inputs, and the fall-back to eager decoding for good when
+  they differ. With plain NumPy as the emulated device's arrays the padded forward runs eagerly
+  at each step where a GPU would replay it.
+- Where the backend's array module is CuPy (`backend.captures_graphs`): `CapturedGraphs` —
+  capture into a private memory pool, replay — and asynchronous uploads on the current stream.
+  The tests run this path on the emulated device against a stand-in for CuPy that enforces
+  its capture rules and replays what was captured (tests/_fake_cupy.py); only pinned host
+  buffers (`_host_empty`) are GPU-only. The engine's start-up captures and then runs
+  `self_check`, which compares a replay of every bucket with the eager step before any request
+  is served.
 
 Host-device synchronization: a replayed step adds none. The uploads are asynchronous copies from
 pinned memory on the current stream, the graph is launched on that stream, and the logits stay
@@ -145,7 +147,7 @@ class DecodeGraphRunner:
         self.bucket_steps: Counter[int] = Counter()  # decode steps run per bucket
         self._checked: set[int] = set()  # buckets whose first replay was compared
         self._uploaded = None  # GPU: event after the last uploads, guarding the pinned buffers
-        if not backend.emulated:
+        if backend.captures_graphs:
             self.capture()
 
     # ---- the step ----------------------------------------------------------------------------
@@ -198,22 +200,23 @@ class DecodeGraphRunner:
         """The first `bucket` rows of the host buffers to the device (query_start never changes)."""
         names = ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables")
         pairs = [(getattr(self.device, n)[:bucket], getattr(self.host, n)[:bucket]) for n in names]
-        if self.backend.emulated:
+        if not self.backend.captures_graphs:  # NumPy arrays: a plain copy
             for device, host in pairs:
                 device[...] = host
             return
-        import cupy  # GPU only from here: asynchronous copies from pinned memory
-
-        stream = cupy.cuda.get_current_stream()
+        # Asynchronous copies on the current stream (from pinned memory on a GPU), ordered
+        # before the graph launched after them; the event guards the host buffers.
+        stream = self.backend.xp.cuda.get_current_stream()
         for device, host in pairs:
             device.set(host, stream)
         self._uploaded = stream.record()
 
     def _forward(self, bucket: int) -> Array:
         """The padded step on the static device buffers, into the shared logits buffer: what a
-        graph holds."""
+        graph holds (its matmuls on our kernels, captured or not)."""
         out = self.logits_out[:bucket]
-        out[...] = self._step(self.device, bucket)
+        with self.backend.decode_matmuls():
+            out[...] = self._step(self.device, bucket)
         return out
 
     def _step(self, bufs: DecodeBuffers, rows: int) -> Array:
@@ -265,13 +268,11 @@ class DecodeGraphRunner:
             self.graphs.release()
             self.graphs = None
 
-    # ---- GPU only ----------------------------------------------------------------------------
+    # ---- CuPy only (a GPU, or the stand-in of the tests) ---------------------------------------
     def capture(self) -> None:
         """Capture every bucket's graph, then check each first replay (GPU start-up)."""
-        import cupy
-
         try:
-            self.graphs = CapturedGraphs(cupy, self._forward, self.buckets)
+            self.graphs = CapturedGraphs(self.backend.xp, self._forward, self.buckets)
         except Exception as exc:  # a capture that fails must not stop the engine: run eagerly
             self.fall_back(f"capturing failed: {type(exc).__name__}: {exc}")
             return

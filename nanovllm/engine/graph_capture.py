@@ -1,5 +1,7 @@
-"""Capturing decode steps as CUDA graphs (GPU only): one graph per batch-size bucket in one
-private memory pool. nanovllm/engine/cuda_graphs.py decides what runs as a graph and checks it.
+"""Capturing decode steps as CUDA graphs: one graph per batch-size bucket in one private memory
+pool, through CuPy (on a GPU; in the tests, through tests/_fake_cupy.py, a stand-in that
+enforces CuPy's capture rules on the emulated device). nanovllm/engine/cuda_graphs.py decides
+what runs as a graph and checks it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ Array = Any
 
 
 class CapturedGraphs:
-    """GPU only (never run where it was written: no GPU there). One CUDA graph per bucket,
-    captured largest first into one private memory pool.
+    """One CUDA graph per bucket, captured largest first into one private memory pool.
 
     The pool is why this class exists: the arrays a graph allocates while it is captured are the
     addresses every replay writes. Were they returned to CuPy's shared pool, later eager work

@@ -15,6 +15,12 @@ from nanovllm.backends.base import AttentionMetadata, Backend
 from nanovllm.engine.batch import ForwardItem, StepInputs, forward_item, prepare, sampling_row
 from nanovllm.engine.cuda_graphs import DecodeGraphRunner
 from nanovllm.engine.logprobs import TokenLogprobs
+from nanovllm.engine.numerics import (
+    NonFiniteLogitsError,
+    all_finite,
+    first_nonfinite,
+    nonfinite_message,
+)
 from nanovllm.engine.prompt_logprobs import prompt_logprobs
 from nanovllm.engine.sampler import SampledTokens, Sampler, VerifyGroup
 from nanovllm.engine.spec_decode import Proposer, SpecStats, roll_back_draft
@@ -35,6 +41,7 @@ def allocate_kv_cache(
 
 class ModelRunner:
     supports_prompt_logprobs = True
+
     def __init__(
         self,
         model,
@@ -140,7 +147,8 @@ class ModelRunner:
     # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):
         """Run the model once over all items; float32 logits of the rows to sample, in order.
-        They stay on the backend (a GPU's sampler works on them there)."""
+        They stay on the backend (a GPU's sampler works on them there). Logits that are not
+        finite stop the step (nanovllm/engine/numerics.py)."""
         return self._run(items)[0]
 
     def eager_logits(self, items: list[ForwardItem]):
@@ -150,8 +158,25 @@ class ModelRunner:
         """The logits to sample, and per item the logprobs of the prompt tokens it scored."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.accepts(items):  # decodes only: no prompt rows
-            return graphs.logits(items), [[] for _ in items]
-        return self._eager(items)
+            logits = graphs.logits(items)
+            if all_finite(self.backend.xp, logits):
+                return logits, [[] for _ in items]
+            # A replay gone wrong must not be mistaken for the model's overflow.
+            graphs.fall_back("a replay gave logits that are not finite")
+        logits, scored = self._eager(items)
+        if not all_finite(self.backend.xp, logits):
+            self._report_nonfinite(items, logits)
+        return logits, scored
+
+    def _report_nonfinite(self, items: list[ForwardItem], logits) -> None:
+        xp = self.backend.xp
+        bad = int((~xp.isfinite(logits).all(axis=1)).sum())
+        inputs = prepare(items, self.block_size)
+        where = first_nonfinite(lambda inspect: self.forward(inputs, inspect), xp)
+        layers = self.model.config.num_layers
+        raise NonFiniteLogitsError(
+            nonfinite_message(bad, len(logits), where, layers, self.backend.dtype)
+        )
 
     def _eager(self, items: list[ForwardItem]) -> tuple[object, list[list[TokenLogprobs]]]:
         inputs = prepare(items, self.block_size)
@@ -163,8 +188,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
         return logits.astype(xp.float32, copy=False), scored
 
-    def forward(self, inputs: StepInputs):
+    def forward(self, inputs: StepInputs, inspect=None):
         upload, host = self.backend.asarray, inputs.attention
         meta = AttentionMetadata.build(host, self.block_size, host.map(upload))
         ids, positions = upload(inputs.input_ids), upload(inputs.positions)
-        return self.model.forward(ids, positions, meta, self.kv_caches)
+        if inspect is None:
+            return self.model.forward(ids, positions, meta, self.kv_caches)
+        return self.model.forward(ids, positions, meta, self.kv_caches, inspect=inspect)

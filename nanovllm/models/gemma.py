@@ -34,8 +34,9 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
             self.scale = 1.0 / math.sqrt(config.query_pre_attn_scalar)
         self.attn_soft_cap = float(config.attn_logit_softcapping or 0.0)
         self.final_soft_cap = float(config.final_logit_softcapping or 0.0)
-        # transformers rounds the multiplier to the activation dtype before it multiplies.
-        self.embed_scale = np.asarray(math.sqrt(config.hidden_size), dtype=backend.dtype)
+        # transformers rounds the multiplier to the activation dtype before it multiplies. A
+        # NumPy scalar, not a 0-d array: CuPy takes no NumPy array as an operand.
+        self.embed_scale = np.dtype(backend.dtype).type(math.sqrt(config.hidden_size))
 
     def compute_logits(self, hidden: Array) -> Array:
         logits = super().compute_logits(hidden)

@@ -1,10 +1,11 @@
-"""Load a GGUF file: ModelConfig and tokenizer from its metadata, HF-named float32 weights from its tensors.
+"""Load a GGUF file: ModelConfig and tokenizer from its metadata, HF-named weights from its tensors.
 
-The `gguf` package memory-maps the file; `load_gguf` reads the metadata and checks every tensor
-(name, quantization, shape) up front, so a bad file fails before any weight is touched.
-`GGUFCheckpoint.weights()` then dequantizes one tensor at a time, under Hugging Face names, in the
-layout transformers uses (llama.cpp's Q/K row permutation and Gemma's +1 on norm weights undone,
-stacked expert tensors split per expert), ready for the model loader.
+`load_gguf` reads the metadata and checks every tensor (name, quantization, shape) up front, so a
+bad file fails before any weight is touched. `GGUFCheckpoint.weights()` then hands out one tensor
+at a time under Hugging Face names, in the layout transformers uses (llama.cpp's Q/K row
+permutation and Gemma's +1 on norm weights undone, stacked expert tensors split per expert):
+matrices as `QuantizedTensor`s, their blocks still in the memory-mapped file; norms and biases as
+float32 arrays. The backend decides whether a matrix stays quantized.
 
 Names and metadata keys follow llama.cpp's gguf-py constants and what its convert_hf_to_gguf.py
 writes for each architecture; where the file leaves a fact out, we take the value llama.cpp's
@@ -15,6 +16,7 @@ whether an architecture renormalizes its top-k routing weights).
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,9 +29,16 @@ import numpy as np
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.gguf_tokenizer import build_tokenizer, end_of_generation_ids
 from nanovllm.models.model_config import FULL, SLIDING, ModelConfig
+from nanovllm.models.quantized import (
+    DEQUANTIZABLE,
+    QuantizedTensor,
+    dequantize,
+    supported_names,
+)
 from nanovllm.models.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
+__all__ = ["DEQUANTIZABLE", "GGUFCheckpoint", "dequantize", "load_gguf"]
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",  # MixtralForCausalLM when the file has experts
@@ -42,13 +51,6 @@ ARCHITECTURES = {
     "qwen3moe": "Qwen3MoeForCausalLM",
 }
 _GEMMA = ("gemma2", "gemma3")
-
-# Each checked against an independent reference in tests/test_gguf.py.
-DEQUANTIZABLE = frozenset(
-    Q[name] for name in "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
-)
-
-_CHUNK_VALUES = 1 << 22  # values dequantized per step
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -110,7 +112,7 @@ _GEMMA_NORM_OFFSET = 1.0
 
 class _Tensor(NamedTuple):
     hf_name: str  # with an {expert} field when the file stacks every expert's matrix
-    data: np.ndarray  # a view into the memory-mapped file: raw blocks, not yet dequantized
+    data: np.ndarray  # uint8 view into the memory-mapped file: raw blocks, not yet dequantized
     qtype: Q
     shape: tuple[int, ...]  # HF (row-major) order
     unpermute_heads: int  # > 0: undo llama.cpp's rotary row permutation over this many heads
@@ -124,27 +126,41 @@ class GGUFCheckpoint:
     tokenizer: Tokenizer
     generation_config: dict
     _tensors: list[_Tensor] = field(default_factory=list, repr=False)
+    _map: mmap.mmap | None = field(default=None, repr=False)
 
     @property
     def num_weights(self) -> int:
         """How many tensors weights() yields (stacked experts one by one)."""
         return sum(tensor.experts or 1 for tensor in self._tensors)
 
-    def weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF name, float32 array) pairs, each tensor dequantized only when it is reached."""
+    def weights(self) -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
+        """(HF name, weight) pairs: a QuantizedTensor for each matrix, a float32 array for each
+        vector, each read only when it is reached."""
         for tensor in self._tensors:
             weight = _load(tensor)
             if not tensor.experts:
                 yield tensor.hf_name, weight
                 continue
+            rows = weight.shape[0] // tensor.experts
             for expert in range(tensor.experts):
-                yield tensor.hf_name.format(expert=expert), weight[expert]
+                yield (
+                    tensor.hf_name.format(expert=expert),
+                    weight.take_rows(slice(expert * rows, (expert + 1) * rows)),
+                )
+        self._release_pages()
+
+    def _release_pages(self) -> None:
+        """Drop the file pages the load touched from this process's resident set. Fusing and
+        un-permuting copied some matrices out of the map; without this their source pages would
+        stay counted (RSS ~1.3x the file). Pages still used fault back in from the page cache."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 def load_gguf(path: str | Path, with_tokenizer: bool = True) -> GGUFCheckpoint:
     """Read a GGUF file's metadata and tensor index; weights stay on disk until `weights()`.
     with_tokenizer=False skips rebuilding the tokenizer (the caller brings its own)."""
-    meta, raw = _read(Path(path))
+    meta, raw, file_map = _read(Path(path))
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ModelLoadError(
@@ -152,53 +168,42 @@ def load_gguf(path: str | Path, with_tokenizer: bool = True) -> GGUFCheckpoint:
         )
     tokenizer = build_tokenizer(meta) if with_tokenizer else None
     config = _model_config(meta, arch, raw)
-    tensors = [_plan(t, arch, config) for name, t in raw.items() if name not in _ROPE_TENSORS]
+    tensors = [
+        _plan(t, arch, config, file_map) for name, t in raw.items() if name not in _ROPE_TENSORS
+    ]
     generation_config = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids}
-    return GGUFCheckpoint(config, tokenizer, generation_config, tensors)
+    return GGUFCheckpoint(config, tokenizer, generation_config, tensors, file_map)
 
 
-def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's raw GGUF blocks (one row of blocks per tensor row) as a float32 array of `shape`
-    (row-major, HF order) that the caller owns."""
-    if qtype not in DEQUANTIZABLE:
-        raise ModelLoadError(
-            f"nanovllm cannot dequantize {qtype.name}; supported: {_supported_names()}"
+def _load(tensor: _Tensor) -> np.ndarray | QuantizedTensor:
+    """A matrix (stacked experts: all their rows, one after the other) as stored; a vector
+    dequantized to float32."""
+    if len(tensor.shape) >= 2:
+        rows = int(np.prod(tensor.shape[:-1]))
+        weight = QuantizedTensor(
+            tensor.qtype, (rows, tensor.shape[-1]), tensor.data.reshape(rows, -1)
         )
-    out = np.empty(shape, dtype=np.float32)
-    rows_in = raw.reshape(raw.shape[0] if raw.ndim > 1 else 1, -1)
-    rows_out = out.reshape(len(rows_in), -1)
-    # A few rows at a time: the dequantizer's scratch arrays are several times its output, which
-    # for a large embedding matrix would otherwise cost gigabytes at once.
-    step = max(1, _CHUNK_VALUES // rows_out.shape[1])
-    for start in range(0, len(rows_in), step):
-        rows_out[start : start + step] = gguf.quants.dequantize(
-            rows_in[start : start + step], qtype
-        )
-    return out
-
-
-def _load(tensor: _Tensor) -> np.ndarray:
-    weight = dequantize(tensor.data, tensor.qtype, tensor.shape)
+        if tensor.unpermute_heads:
+            return weight.take_rows(_unpermute_order(rows, tensor.unpermute_heads))
+        return weight
+    vector = dequantize(tensor.data, tensor.qtype, tensor.shape)
     if tensor.offset:
-        weight -= np.float32(tensor.offset)
-    return _unpermute(weight, tensor.unpermute_heads) if tensor.unpermute_heads else weight
+        vector -= np.float32(tensor.offset)
+    if tensor.unpermute_heads:
+        return vector[_unpermute_order(tensor.shape[0], tensor.unpermute_heads)]
+    return vector
 
 
-def _supported_names() -> str:
-    return ", ".join(q.name for q in sorted(DEQUANTIZABLE))
+def _unpermute_order(rows: int, n_heads: int) -> np.ndarray:
+    """Row order undoing llama.cpp's convert-time `permute`, which interleaves each head's two
+    rotary halves (HF's rotate_half layout) into the adjacent pairs GGML's rope kernel wants."""
+    return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _unpermute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's convert-time `permute`, which interleaves each head's two rotary
-    halves (HF's rotate_half layout) into the adjacent pairs GGML's rope kernel wants."""
-    rows = weight.shape[0]
-    split = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
-    return np.ascontiguousarray(split.swapaxes(1, 2).reshape(weight.shape))
-
-
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metadata, tensors by GGUF name); the reader itself is dropped, since its parsed
-    vocabulary fields take far more memory than the few views into the file we keep."""
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], mmap.mmap]:
+    """(metadata, tensors by GGUF name, the file mapped read-only). The reader itself is dropped,
+    since its parsed vocabulary fields take far more memory than the views into the file we keep;
+    tensors are read through our own map, whose pages we can release."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
@@ -210,19 +215,22 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         reader = gguf.GGUFReader(path)
         meta = {name: f.contents() for name, f in reader.fields.items()}
-        return meta, {t.name: t for t in reader.tensors}
+        tensors = {t.name: t for t in reader.tensors}
     except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as exc:
         raise ModelLoadError(
             f"{path} is truncated or corrupt: the GGUF reader failed with: {exc}"
         ) from None
+    with open(path, "rb") as f:
+        file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return meta, tensors, file_map
 
 
-def _plan(tensor: Any, arch: str, config: ModelConfig) -> _Tensor:
+def _plan(tensor: Any, arch: str, config: ModelConfig, file_map: mmap.mmap) -> _Tensor:
     hf_name = _hf_name(tensor.name, arch, config.num_layers)
     if tensor.tensor_type not in DEQUANTIZABLE:
         raise ModelLoadError(
             f"tensor {tensor.name} uses quantization {tensor.tensor_type.name}, which nanovllm cannot "
-            f"dequantize; supported: {_supported_names()}"
+            f"dequantize; supported: {supported_names()}"
         )
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     expected = _expected_shape(hf_name, config)
@@ -238,7 +246,8 @@ def _plan(tensor: Any, arch: str, config: ModelConfig) -> _Tensor:
     elif arch == "llama" and ".k_proj." in hf_name:
         heads = config.num_kv_heads
     offset = _GEMMA_NORM_OFFSET if arch in _GEMMA and tensor.name.endswith("norm.weight") else 0.0
-    return _Tensor(hf_name, tensor.data, tensor.tensor_type, shape, heads, offset, experts)
+    data = np.frombuffer(file_map, np.uint8, count=tensor.n_bytes, offset=tensor.data_offset)
+    return _Tensor(hf_name, data, tensor.tensor_type, shape, heads, offset, experts)
 
 
 def _hf_name(name: str, arch: str, num_layers: int) -> str:
@@ -331,7 +340,7 @@ def _model_config(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Model
         sliding_window=_sliding_window(meta, arch),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos_ids,
-        torch_dtype="float32",  # what weights() hands out, whatever the file stores
+        torch_dtype="float32",  # what the reference backend computes in
     )
     if arch in _GEMMA:
         _gemma_fields(config, meta, arch)

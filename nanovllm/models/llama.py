@@ -1,7 +1,10 @@
 """The Llama family written once against the op seam; Mistral, Qwen2 and Qwen3 differ only in flags.
 
 Weights are held fused: q/k/v as one [(Hq + 2 Hkv) * D, H] matrix and gate/up as one [2F, H]
-matrix, so each layer makes three matmuls instead of six.
+matrix, so each layer makes three matmuls instead of six. Matrices reach the model as the loader
+read them (float arrays, or `QuantizedTensor`s still in the file's form) and the backend prepares
+each one (`backend.weight`): dequantized on the reference backend, kept quantized by the CPU and
+CUDA backends.
 
 Other families build on this class through a few hooks (models/gemma.py, models/phi3.py,
 models/moe.py): `_decoder_layer` (the residual/norm pattern), `_feed_forward` and
@@ -17,7 +20,7 @@ it arrives, and `_reduce` sums the partial outputs of o_proj and of the MLP over
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,7 @@ import numpy as np
 from nanovllm.backends.base import Array, AttentionMetadata, Backend
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.quantized import stack_rows
 from nanovllm.models.rope import rope_cos_sin
 from nanovllm.models.sharding import ParallelRank
 
@@ -88,15 +92,27 @@ class LlamaForCausalLM:
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
-        self, input_ids: Array, positions: Array, meta: AttentionMetadata, kv_caches: list[KVCache]
+        self,
+        input_ids: Array,
+        positions: Array,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        inspect: Callable[[int, Array, Array | None], None] | None = None,
     ) -> Array:
-        """Hidden states [T, H] after the final norm, for every token of the flat batch."""
+        """Hidden states [T, H] after the final norm, for every token of the flat batch.
+        inspect(index, hidden, residual), if given, sees the residual stream (hidden + residual)
+        after the embedding (index -1) and after each layer: the engine's diagnosis of
+        non-finite logits."""
         hidden = self._embed(input_ids)
         residual = None
+        if inspect is not None:
+            inspect(-1, hidden, residual)
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             hidden, residual = self._decoder_layer(
                 index, layer, hidden, residual, positions, meta, kv_cache
             )
+            if inspect is not None:
+                inspect(index, hidden, residual)
         hidden, _ = self.backend.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
@@ -247,12 +263,14 @@ class LlamaForCausalLM:
             qkv=self._fuse(
                 t, attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"
             ),
-            qkv_bias=self._fuse(t, attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
+            qkv_bias=self._param(
+                np.concatenate([t[attn + f"{p}_proj.bias"] for p in ("q", "k", "v")])
+            )
             if self.use_qkv_bias
             else None,
             q_norm=self._norm(t[attn + "q_norm.weight"]) if self.use_qk_norm else None,
             k_norm=self._norm(t[attn + "k_norm.weight"]) if self.use_qk_norm else None,
-            o_proj=self._param(t[attn + "o_proj.weight"]),
+            o_proj=self._matrix(t[attn + "o_proj.weight"]),
             post_norm=self._norm(t["post_attention_layernorm.weight"]),
             mlp=self._build_mlp(index, t),
         )
@@ -264,7 +282,7 @@ class LlamaForCausalLM:
         hidden = self.config.hidden_size
         gate, up, down = (prefix + f"{name}_proj.weight" for name in ("gate", "up", "down"))
         _check_shapes(index, t, {gate: (width, hidden), up: (width, hidden), down: (hidden, width)})
-        return DenseMLP(gate_up=self._fuse(t, gate, up), down=self._param(t[down]))
+        return DenseMLP(gate_up=self._fuse(t, gate, up), down=self._matrix(t[down]))
 
     def _finish(self, done, pending, top) -> None:
         for index, layer in enumerate(done):
@@ -281,21 +299,26 @@ class LlamaForCausalLM:
                 f"model.embed_tokens.weight has shape {embed.shape}, expected "
                 f"({self.config.vocab_size}, {self.config.hidden_size})"
             )
-        self.embed_tokens = self._param(embed)
+        self.embed_tokens = self._matrix(embed)
         self.norm = self._norm(top["model.norm.weight"])
         if "lm_head.weight" in top and not self.config.tie_word_embeddings:
-            self.lm_head = self._param(top["lm_head.weight"])
+            self.lm_head = self._matrix(top["lm_head.weight"])
         elif self.config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
             raise ModelLoadError("checkpoint is missing lm_head.weight and does not tie embeddings")
 
     def _param(self, tensor: np.ndarray) -> Array:
+        """A vector (norm weight, bias) in the backend's compute dtype."""
         return self.backend.asarray(np.asarray(tensor), self.backend.dtype)
+
+    def _matrix(self, tensor) -> Array:
+        """A weight matrix as the backend runs it (float array or stored form, see quantized.py)."""
+        return self.backend.weight(tensor)
 
     def _fuse(self, tensors: dict[str, np.ndarray], *keys: str) -> Array:
         """Matrices used together (q/k/v, gate/up) as one, rows in the order given."""
-        return self._param(np.concatenate([tensors[key] for key in keys]))
+        return self._matrix(stack_rows([tensors[key] for key in keys]))
 
     def _norm(self, tensor: np.ndarray) -> Array:
         """An RMSNorm weight (Gemma adds 1 here)."""

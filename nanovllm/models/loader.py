@@ -151,19 +151,30 @@ class LoadedModel:
     """A model with its tokenizer, and the single-sequence path used to prove parity with
     transformers independently of the scheduler: one sequence in contiguous KV blocks."""
 
-    def __init__(self, checkpoint: Checkpoint, backend: Backend, max_positions: int) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, backend: Backend, max_positions: int, model=None
+    ) -> None:
+        """model: one already built from this checkpoint on this backend (else built here)."""
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.generation_config = checkpoint.generation_config
         self.backend = backend
         self.max_positions = max_positions
-        self.model = build_model(checkpoint, backend, max_positions)
+        self.model = model or build_model(checkpoint, backend, max_positions)
 
-    def logits(self, token_ids: list[int]) -> np.ndarray:
-        """[T, vocab] float32 logits at every position of one sequence."""
+    def logits(
+        self, token_ids: list[int], inspect=None, chunks: list[int] | None = None
+    ) -> np.ndarray:
+        """[T, vocab] float32 logits at every position of one sequence. inspect: see
+        LlamaForCausalLM.forward. chunks: token counts of successive forwards (chunked
+        prefill; default one forward of everything)."""
         caches = self._new_caches(len(token_ids))
-        hidden = self._forward(token_ids, 0, caches)
-        return self.backend.to_numpy(self.model.compute_logits(hidden)).astype(np.float32)
+        out, start = [], 0
+        for size in chunks or [len(token_ids)]:
+            hidden = self._forward(token_ids[start : start + size], start, caches, inspect)
+            out.append(self.backend.to_numpy(self.model.compute_logits(hidden)))
+            start += size
+        return np.concatenate(out).astype(np.float32)
 
     def greedy(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation (no EOS stop): prefill once, then one decode step per token."""
@@ -187,7 +198,7 @@ class LoadedModel:
             (self.backend.zeros(shape), self.backend.zeros(shape)) for _ in range(cfg.num_layers)
         ]
 
-    def _forward(self, token_ids: list[int], start: int, caches):
+    def _forward(self, token_ids: list[int], start: int, caches, inspect=None):
         end = start + len(token_ids)
         blocks = np.arange(caches[0][0].shape[0], dtype=np.int32)[None, :]
         # One sequence whose block i is cache block i: slot = position.
@@ -195,12 +206,19 @@ class LoadedModel:
         meta = AttentionMetadata.build(host, self._BLOCK, host.map(self.backend.asarray))
         ids = self.backend.asarray(np.asarray(token_ids, dtype=np.int64))
         positions = self.backend.asarray(np.arange(start, end, dtype=np.int64))
-        return self.model.forward(ids, positions, meta, caches)
+        if inspect is None:
+            return self.model.forward(ids, positions, meta, caches)
+        return self.model.forward(ids, positions, meta, caches, inspect=inspect)
 
 
 def load_model(
-    model: str, device: str = "cpu", dtype: str = "auto", max_model_len: int | None = None
+    model: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
     checkpoint = load_checkpoint(model)
     max_positions = max_model_len or checkpoint.config.max_position_embeddings
-    return LoadedModel(checkpoint, get_backend(device, dtype), max_positions)
+    backend = get_backend(device, dtype, quantization=quantization)
+    return LoadedModel(checkpoint, backend, max_positions)

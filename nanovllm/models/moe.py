@@ -20,6 +20,7 @@ from nanovllm.backends.base import Array, Backend
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.llama import DenseMLP, LlamaForCausalLM, _check_shapes
 from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.quantized import dequantize_weight
 
 
 @dataclass(slots=True)
@@ -91,16 +92,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
             expect[self._expert_key(e, down)] = (hidden, width)
         _check_shapes(index, t, expect)
         moe = SparseMoE(
-            router=self._param(t[self.moe_prefix + "gate.weight"]),
-            gate_up=self._param(
-                np.stack(
-                    [
-                        np.concatenate([t[self._expert_key(e, gate)], t[self._expert_key(e, up)]])
-                        for e in range(experts)
-                    ]
-                )
-            ),
-            down=self._param(np.stack([t[self._expert_key(e, down)] for e in range(experts)])),
+            router=self._matrix(t[self.moe_prefix + "gate.weight"]),
+            gate_up=self._experts(t, experts, (gate, up)),
+            down=self._experts(t, experts, (down,)),
         )
         if self.shared_expert:
             prefix = self.moe_prefix + "shared_expert."
@@ -108,8 +102,23 @@ class MixtralForCausalLM(LlamaForCausalLM):
             moe.shared = self._dense_mlp(index, t, prefix, shared_width)
             gate_key = self.moe_prefix + "shared_expert_gate.weight"
             _check_shapes(index, t, {gate_key: (1, hidden)})
-            moe.shared_gate = self._param(t[gate_key])
+            moe.shared_gate = self._matrix(t[gate_key])
         return moe
+
+    def _experts(self, t: dict, experts: int, projections: tuple[str, ...]) -> Array:
+        """Each expert's matrices for these projections, rows fused, stacked [E, rows, cols] in
+        the compute dtype: the expert kernels (kernels/moe.cu) read dense weights, so stored
+        ones are dequantized here."""
+        return self._param(
+            np.stack(
+                [
+                    np.concatenate(
+                        [dequantize_weight(t[self._expert_key(e, p)]) for p in projections]
+                    )
+                    for e in range(experts)
+                ]
+            )
+        )
 
 
 class Qwen3MoeForCausalLM(MixtralForCausalLM):

@@ -14,6 +14,7 @@ import numpy as np
 
 from nanovllm.errors import ModelLoadError
 from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.quantized import QuantizedTensor
 
 _QKV, _GATE_UP = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
 
@@ -39,9 +40,15 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                 yield name, tensor
 
 
-def _split(name: str, tensor: np.ndarray, rows: tuple[int, ...]) -> list[np.ndarray]:
+def _split(name: str, tensor, rows: tuple[int, ...]) -> list:
     if tensor.shape[0] != sum(rows):
         raise ModelLoadError(
             f"tensor {name} has {tensor.shape[0]} rows, the config implies {sum(rows)}"
         )
-    return np.split(tensor, np.cumsum(rows)[:-1])
+    bounds = np.cumsum((0, *rows))
+    return [_rows(tensor, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _rows(tensor: np.ndarray | QuantizedTensor, rows: slice) -> np.ndarray | QuantizedTensor:
+    """A slice of rows, a view either way."""
+    return tensor.take_rows(rows) if isinstance(tensor, QuantizedTensor) else tensor[rows]

@@ -1,9 +1,11 @@
-"""Read Hugging Face safetensors checkpoints (single file or sharded) into float32 NumPy arrays.
+"""Read Hugging Face safetensors checkpoints (single file or sharded) from a memory map.
 
 We parse the (tiny) safetensors header ourselves and memory-map the data because the
-`safetensors` package's NumPy API cannot return bfloat16, which NumPy lacks: BF16 tensors are
-widened to float32 from their raw bits. Tensors are produced one at a time from the memory map,
-so loading never holds a second copy of the whole file.
+`safetensors` package's NumPy API cannot return bfloat16, which NumPy lacks. Tensors are produced
+one at a time from the memory map, so loading never holds a second copy of the whole file:
+F16/BF16 matrices as `QuantizedTensor`s that still point into the file (the backend decides
+whether they stay 16-bit), everything else as float32 arrays (BF16 vectors widened from their
+raw bits).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nanovllm.errors import ModelLoadError
+from nanovllm.models.quantized import QuantizedTensor
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
@@ -38,8 +41,9 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, float32 array) for every tensor of every file."""
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
+    """Yield (name, weight) for every tensor of every file: 16-bit matrices as stored, the rest
+    as float32 arrays."""
     for file in files:
         header, data = _open(file)
         for name, info in header.items():
@@ -80,12 +84,16 @@ def _open(file: Path) -> tuple[dict, np.memmap]:
     return header, data
 
 
-def _tensor(file: Path, name: str, info: dict, data: np.memmap) -> np.ndarray:
+def _tensor(file: Path, name: str, info: dict, data: np.memmap) -> np.ndarray | QuantizedTensor:
     dtype = _DTYPES.get(info["dtype"])
     if dtype is None:
         raise ModelLoadError(f"tensor {name} in {file.name} has unsupported dtype {info['dtype']}")
     begin, end = info["data_offsets"]
     raw = data[begin:end].view(dtype).reshape(info["shape"])
+    if raw.ndim == 2 and info["dtype"] == "F16":
+        return QuantizedTensor.from_array(raw)
+    if raw.ndim == 2 and info["dtype"] == "BF16":
+        return QuantizedTensor.bfloat16(raw)
     if info["dtype"] == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)

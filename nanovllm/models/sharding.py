@@ -25,15 +25,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import gguf
 import numpy as np
 
 from nanovllm.errors import NanovllmError
 from nanovllm.models.model_config import ModelConfig
+from nanovllm.models.quantized import QuantizedTensor, row_bytes
 
 if TYPE_CHECKING:
     from nanovllm.distributed.communicator import Communicator
 
 Array = Any
+Tensor = np.ndarray | QuantizedTensor
 _COLUMN_PARALLEL = ("gate_proj", "up_proj", "w1", "w3")  # the last name before .weight
 _ROW_PARALLEL = ("down_proj", "w2")
 _VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
@@ -89,9 +92,9 @@ class ParallelRank:
     comm: Communicator
     config: ModelConfig  # the whole model's, as the checkpoint was written
 
-    def shard(self, name: str, tensor: np.ndarray) -> np.ndarray:
+    def shard(self, name: str, tensor: Tensor) -> Tensor:
         """This rank's part of the checkpoint tensor `name` (Hugging Face names, after a family's
-        own renaming)."""
+        own renaming); a stored matrix (nanovllm/models/quantized.py) stays stored."""
         cfg, kind = self.config, name.rsplit(".", 2)
         projection = kind[-2] if len(kind) == 3 else ""
         if name in _VOCABULARY:
@@ -139,18 +142,41 @@ class ParallelRank:
         return range(head, head + 1)
 
     @staticmethod
-    def _rows(tensor: np.ndarray, units: range, unit: int) -> np.ndarray:
-        return np.ascontiguousarray(tensor[units.start * unit : units.stop * unit])
+    def _rows(tensor: Tensor, units: range, unit: int) -> Tensor:
+        rows = slice(units.start * unit, units.stop * unit)
+        if isinstance(tensor, QuantizedTensor):  # as stored: whole rows of blocks
+            return tensor.take_rows(rows)
+        return np.ascontiguousarray(tensor[rows])
 
     @staticmethod
-    def _columns(tensor: np.ndarray, units: range, unit: int) -> np.ndarray:
-        return np.ascontiguousarray(tensor[:, units.start * unit : units.stop * unit])
+    def _columns(tensor: Tensor, units: range, unit: int) -> Tensor:
+        start, stop = units.start * unit, units.stop * unit
+        if isinstance(tensor, QuantizedTensor):
+            return _stored_columns(tensor, start, stop)
+        return np.ascontiguousarray(tensor[:, start:stop])
 
-    def _vocabulary_rows(self, tensor: np.ndarray) -> np.ndarray:
+    def _vocabulary_rows(self, tensor: Tensor) -> Tensor:
         rows = self.vocab_rows
-        part = tensor[self.rank * rows : (self.rank + 1) * rows]
-        if len(part) == rows:
-            return np.ascontiguousarray(part)
+        part = self._rows(tensor, range(self.rank, self.rank + 1), rows)
+        if part.shape[0] == rows:
+            return part
+        if isinstance(part, QuantizedTensor):  # zero bytes are zero values in every format
+            data = np.zeros((rows, part.data.shape[1]), dtype=np.uint8)
+            data[: part.shape[0]] = part.data
+            return QuantizedTensor(part.qtype, (rows, part.shape[1]), data)
         padded = np.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
         padded[: len(part)] = part
         return padded
+
+
+def _stored_columns(tensor: QuantizedTensor, start: int, stop: int) -> Tensor:
+    """Columns start..stop of a stored matrix: still stored when they are whole blocks of each
+    row, else dequantized (a K-quant's 256-value blocks rarely fall on a rank's boundary)."""
+    values = gguf.GGML_QUANT_SIZES[tensor.qtype][0]
+    if start % values or stop % values:
+        return np.ascontiguousarray(tensor.dequantize()[:, start:stop])
+    per_block = row_bytes(tensor.qtype, values)
+    data = tensor.data[:, start // values * per_block : stop // values * per_block]
+    return QuantizedTensor(
+        tensor.qtype, (tensor.shape[0], stop - start), np.ascontiguousarray(data)
+    )

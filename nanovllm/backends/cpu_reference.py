@@ -1,4 +1,8 @@
-"""The NumPy backend: float32 ops on the CPU, and the reference every CUDA kernel is checked against."""
+"""The reference backend (`cpu-reference`): NumPy ops in float32, the readable statement of each op
+and the oracle every compiled CPU kernel and every CUDA kernel is checked against.
+
+Weights are dequantized to float32 at load, whatever the file stores.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata
+from nanovllm.models.quantized import Weight, dequantize_weight
 from nanovllm.structured.bitmask import apply_token_bitmask
 
 
-class CPUBackend:
-    name = "cpu"
+class ReferenceBackend:
+    name = "cpu-reference"
     xp = np  # the array module, for code (the sampler) written against NumPy's API
 
     def __init__(self, dtype=np.float32) -> None:
@@ -29,6 +34,9 @@ class CPUBackend:
 
     def asarray(self, x: np.ndarray, dtype=None) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=dtype or x.dtype)
+
+    def weight(self, tensor: np.ndarray | Weight) -> np.ndarray:
+        return np.ascontiguousarray(dequantize_weight(tensor), dtype=self.dtype)
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return x
