@@ -4,7 +4,8 @@
 // Entry points (SUFFIX = f32 | f16 | bf16; T = float | __half | __nv_bfloat16;
 // D = head_dim, one of 16, 32, 64, 80, 96, 128, 256):
 //   paged_attention_SUFFIX_dD(out, q, k_cache, v_cache, block_tables, query_start, context_lens,
-//                             scale, num_heads, num_kv_heads, block_size, max_blocks)
+//                             scale, num_heads, num_kv_heads, block_size, max_blocks, window,
+//                             soft_cap)
 //
 // Launch geometry:
 //   grid  = (ceil(max_query_len * group / 8), num_seqs, num_kv_heads), group = num_heads /
@@ -25,10 +26,15 @@
 //   query_start   int, [num_seqs + 1]: sequence b owns query rows query_start[b]..[b + 1]
 //   context_lens  int, [num_seqs]: tokens cached for sequence b, this step's included
 //   out           T, [tokens, num_heads, D] contiguous
-//   scale: float (pass np.float32); the other scalars: int (pass np.int32)
+//   scale, soft_cap: float (pass np.float32); the other scalars: int (pass np.int32)
 //
 // Query i of sequence b (q_len = query_start[b + 1] - query_start[b]) sits at position
-// context_lens[b] - q_len + i and sees cache positions 0..that position.
+// p = context_lens[b] - q_len + i and sees cache positions 0..p, or p - window + 1..p when
+// window > 0 (a sliding-window layer). A score s = scale * q.k becomes
+// soft_cap * tanh(s / soft_cap) when soft_cap > 0 (Gemma 2), then goes through the softmax.
+// A block reads cache positions from its first vector's first visible one: nothing of a
+// sequence before (its first query's position) - window + 1, not even the block table entry,
+// so the engine may free blocks that fall wholly before every query's window.
 //
 // Each lane scores one key of a 32-key chunk against all of the block's query vectors, so a key
 // is read once per 8 vectors; values are read one key at a time with the lanes spread over the
@@ -51,7 +57,8 @@ template <typename T, int D>
 __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v_cache,
                                 const int* block_tables, const int* query_start,
                                 const int* context_lens, float scale, int num_heads,
-                                int num_kv_heads, int block_size, int max_blocks) {
+                                int num_kv_heads, int block_size, int max_blocks, int window,
+                                float soft_cap) {
   static_assert(D % kKeyStep == 0, "head_dim must be a multiple of 8");
   constexpr int kDimsPerLane = (D + kWarpSize - 1) / kWarpSize;
   // Carved out of the launch's dynamic shared memory (attention_shared_bytes in the glue).
@@ -100,6 +107,9 @@ __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v
     for (int i = 0; i < kDimsPerLane; ++i) acc[v][i] = 0.0f;
   }
   const int last_key = first_pos + (first + count - 1) / group;
+  // Vector 0 has the block's lowest position, so its window starts first.
+  const int first_key = window > 0 ? max(0, pos[0] - window + 1) : 0;
+  const int first_chunk = first_key / kWarpSize * kWarpSize;
   const int* table = block_tables + (long long)seq * max_blocks;
   const long long token_stride = (long long)num_kv_heads * D;  // elements per cache slot
   auto key_offset = [&](int key) -> long long {
@@ -107,9 +117,10 @@ __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v
     return slot * token_stride + (long long)kv_head * D;
   };
 
-  for (int chunk = warp * kWarpSize; chunk <= last_key; chunk += kAttentionWarps * kWarpSize) {
+  for (int chunk = first_chunk + warp * kWarpSize; chunk <= last_key;
+       chunk += kAttentionWarps * kWarpSize) {
     const int key = chunk + lane;
-    const bool in_range = key <= last_key;
+    const bool in_range = key >= first_key && key <= last_key;
 
     float score[kQueryVectors];
 #pragma unroll
@@ -136,8 +147,9 @@ __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v
     for (int v = 0; v < kQueryVectors; ++v) {
       prob[v] = 0.0f;
       if (v < count) {
-        const bool visible = in_range && key <= pos[v];
-        const float s = visible ? score[v] : kNegBig;
+        const bool visible = in_range && key <= pos[v] && (window <= 0 || key > pos[v] - window);
+        float s = visible ? score[v] : kNegBig;
+        if (soft_cap > 0.0f && visible) s = soft_cap * tanhf(s / soft_cap);
         const float new_max = fmaxf(row_max[v], warp_max(s));
         const float rescale = expf(row_max[v] - new_max);
         prob[v] = visible ? expf(s - new_max) : 0.0f;
@@ -150,7 +162,7 @@ __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v
 
     // Values: key by key, each lane owning dims lane, lane + 32, ...
     const int keys_here = min(kWarpSize, last_key - chunk + 1);
-    for (int j = 0; j < keys_here; ++j) {
+    for (int j = max(0, first_key - chunk); j < keys_here; ++j) {
       const T* v_row = v_cache + key_offset(chunk + j);
       float value[kDimsPerLane];
 #pragma unroll
@@ -208,10 +220,10 @@ __device__ void paged_attention(T* out, const T* q, const T* k_cache, const T* v
   extern "C" __global__ void paged_attention_##SUFFIX##_d##D(                                   \
       T* out, const T* q, const T* k_cache, const T* v_cache, const int* block_tables,          \
       const int* query_start, const int* context_lens, float scale, int num_heads,              \
-      int num_kv_heads, int block_size, int max_blocks) {                                       \
+      int num_kv_heads, int block_size, int max_blocks, int window, float soft_cap) {           \
     nanovllm::paged_attention<T, D>(out, q, k_cache, v_cache, block_tables, query_start,        \
                                     context_lens, scale, num_heads, num_kv_heads, block_size,   \
-                                    max_blocks);                                                \
+                                    max_blocks, window, soft_cap);                              \
   }
 
 #define NANOVLLM_PAGED_ATTENTION_HEAD_DIMS(SUFFIX, T) \

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cpu-reference", "cuda", "cuda-emulated")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none")
 
 
 @dataclass(slots=True)
@@ -14,6 +15,9 @@ class EngineConfig:
     tokenizer: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # "auto": quantized weights (GGUF blocks) stay as stored where the backend has kernels for
+    # them; "none": every weight is dequantized to the compute dtype at load.
+    quantization: str = "auto"
     block_size: int = 16
     num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory
     gpu_memory_utilization: float = 0.9
@@ -31,8 +35,14 @@ class EngineConfig:
     prompt_lookup_max: int = 4
     # Decode without CUDA graphs (the CPU backend always does).
     enforce_eager: bool = False
+    # A <think> model's reasoning parser ("qwen3", "deepseek_r1"): a grammar then applies only
+    # after the reasoning (the server also splits the reasoning out of responses with it).
+    reasoning_parser: str | None = None
     # CPU threads of the compiled kernels and of BLAS; None: one per core (nanovllm/backends/cpu.py).
     num_threads: int | None = None
+    # Ranks the model is split across (Megatron-style; nanovllm/models/sharding.py): GPUs on
+    # `cuda`, in-process ranks with the reference communicator on the CPU and emulated devices.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -44,6 +54,10 @@ class EngineConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.num_blocks != "auto":
             self._check_positive("num_blocks")
         if (
@@ -53,7 +67,12 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+        ):
             self._check_positive(name)
         if self.max_num_seqs > 65535:  # paged attention puts sequences on gridDim.y
             raise ValueError(f"max_num_seqs must be at most 65535, got {self.max_num_seqs}")
@@ -66,6 +85,14 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         self._validate_speculation()
+        if self.reasoning_parser is not None:
+            from nanovllm.structured.reasoning import REASONING_PARSERS
+
+            if self.reasoning_parser not in REASONING_PARSERS:
+                raise ValueError(
+                    f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                    f"got {self.reasoning_parser!r}"
+                )
 
     def _check_positive(self, name: str) -> None:
         value = getattr(self, name)
@@ -89,6 +116,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError("prompt_lookup_max must be at least prompt_lookup_min")
+        if self.speculative_method == "draft" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "a draft model is not supported with tensor_parallel_size > 1 yet; use "
+                "speculative_method 'ngram'"
+            )
 
     @property
     def name(self) -> str:

@@ -196,3 +196,41 @@ def llama3_rope_factors(theta: float, head_dim: int, factor: float) -> np.ndarra
             smooth = (context / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+# A Q4_K_M-like mix (the kinds Qwen2.5's file uses) that each kernel can take: K-quants only
+# where K is a multiple of 256, and q/k/v of two types, so the fused qkv stays mixed.
+QUANTIZED_MIX = {
+    "token_embd": "q8_0", "output": "q6_k", "attn_q": "q5_0", "attn_k": "q5_0",
+    "attn_v": "q8_0", "attn_output": "q4_1", "ffn_gate": "q4_k", "ffn_up": "q4_k",
+    "ffn_down": "q6_k",
+}  # fmt: skip
+QUANTIZED_SHAPE = TinyShape(
+    hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=32
+)
+
+
+def write_quantized_qwen2(path: Path, seed: int = 0) -> Path:
+    """A tiny Qwen2 GGUF (QKV bias, untied LM head) whose matrices are stored in QUANTIZED_MIX:
+    the 32-value formats quantized by the `gguf` package, the K-quants random blocks with sane
+    scales (the package cannot quantize those)."""
+    from nanovllm.backends.matmul_cases import random_blocks
+
+    rng = np.random.default_rng(seed)
+    shape = QUANTIZED_SHAPE
+    sd = hf_state_dict("qwen2", shape, rng, tied=False)
+    tensors: dict[str, Any] = {}
+    for name, weight in gguf_tensors(sd, "qwen2", shape).items():
+        kind = name.split(".")[-2]
+        if weight.ndim == 1:
+            tensors[name] = weight if kind.endswith("norm") else weight * np.float32(0.1)
+            continue
+        fmt = QUANTIZED_MIX[kind]
+        rows, cols = weight.shape
+        if fmt in ("q4_k", "q5_k", "q6_k"):
+            blocks = random_blocks(fmt, rows, cols, rng)
+        else:
+            scale = 1.0 if kind == "token_embd" else 1.5 / math.sqrt(cols)
+            blocks = gguf.quants.quantize(weight * np.float32(scale), Q[fmt.upper()])
+        tensors[name] = (blocks, Q[fmt.upper()])
+    return write_gguf(path, "qwen2", tensors, shape)

@@ -40,7 +40,8 @@ class ServerProcess:
     def post(self, path: str, body: dict | None = None, **kwargs) -> requests.Response:
         if body is not None:
             kwargs["json"] = body
-        return requests.post(self.url + path, timeout=REQUEST_TIMEOUT_S, **kwargs)
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
+        return requests.post(self.url + path, **kwargs)
 
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(
@@ -48,13 +49,18 @@ class ServerProcess:
         )
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        """(sample name, sorted labels without model_name) -> value, parsed by prometheus_client."""
+        """(sample name, sorted labels without model_name and engine) -> value, parsed by
+        prometheus_client."""
         text = self.get("/metrics").text
         samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 labels = tuple(
-                    sorted((k, v) for k, v in sample.labels.items() if k != "model_name")
+                    sorted(
+                        (k, v)
+                        for k, v in sample.labels.items()
+                        if k not in ("model_name", "engine")
+                    )
                 )
                 samples[(sample.name, labels)] = sample.value
         return samples
@@ -80,7 +86,11 @@ def free_port() -> int:
 
 
 def start_server(
-    model: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None
+    model: Path,
+    log_dir: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    start_timeout: float = START_TIMEOUT_S,
 ) -> ServerProcess:
     """Start `python -m nanovllm.server.cli` and wait until /health answers 200."""
     port = free_port()
@@ -92,7 +102,7 @@ def start_server(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log()}")
@@ -103,7 +113,7 @@ def start_server(
             pass
         time.sleep(0.1)
     server.stop()
-    raise RuntimeError(f"the server did not come up in {START_TIMEOUT_S} s:\n{server.log()}")
+    raise RuntimeError(f"the server did not come up in {start_timeout} s:\n{server.log()}")
 
 
 def stream_events(response: requests.Response) -> Iterator[tuple[float, str]]:

@@ -12,19 +12,27 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 BOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -57,7 +65,14 @@ KINDS = (
     "qwen3_qk_norm",
     "tied",
     "bf16_sharded",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+    "qwen2_moe",
 )
+WINDOW = 8  # the sliding window of the windowed kinds: shorter than every test prompt
 
 SMALL = dict(
     hidden_size=64,
@@ -101,8 +116,76 @@ def _llama_linear(vocab: int) -> PretrainedConfig:
 
 def _mistral(vocab: int) -> PretrainedConfig:
     return MistralConfig(
-        vocab_size=vocab, num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=None, **SMALL
+        vocab_size=vocab, num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=WINDOW, **SMALL
     )
+
+
+def _gemma2(vocab: int) -> PretrainedConfig:
+    # Layer 0 slides, layer 1 is global. The caps are low enough to bind on these weights, and
+    # query_pre_attn_scalar differs from head_dim, so each of them moves the logits.
+    return Gemma2Config(
+        vocab_size=vocab, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+        query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=15.0,
+        **SMALL,
+    )  # fmt: skip
+
+
+def _gemma3(vocab: int) -> PretrainedConfig:
+    # Sliding layers rotate with base 10^4, the global one with 10^6 scaled linearly by 8.
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+    }
+    return Gemma3TextConfig(
+        vocab_size=vocab, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters=rope,
+        query_pre_attn_scalar=24, final_logit_softcapping=15.0, **SMALL,
+    )  # fmt: skip
+
+
+# LongRoPE's per-frequency factors (head_dim 16: 8 frequencies). Short ones apply up to the
+# pretraining length of 64 tokens, long ones beyond.
+PHI3_ORIGINAL_LENGTH = 64
+
+
+def _phi3(vocab: int) -> PretrainedConfig:
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+        "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+        "original_max_position_embeddings": PHI3_ORIGINAL_LENGTH,
+    }
+    return Phi3Config(
+        vocab_size=vocab, num_key_value_heads=2, rope_parameters=rope,
+        original_max_position_embeddings=PHI3_ORIGINAL_LENGTH, sliding_window=12, **SMALL,
+    )  # fmt: skip
+
+
+def _mixtral(vocab: int) -> PretrainedConfig:
+    small = SMALL | {"intermediate_size": 48}
+    return MixtralConfig(
+        vocab_size=vocab, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        **small,
+    )  # fmt: skip
+
+
+def _qwen3_moe(vocab: int) -> PretrainedConfig:
+    # Layer 1 keeps a dense MLP (mlp_only_layers); top-k weights renormalized.
+    return Qwen3MoeConfig(
+        vocab_size=vocab, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[1], **SMALL,
+    )  # fmt: skip
+
+
+def _qwen2_moe(vocab: int) -> PretrainedConfig:
+    # A shared expert behind a sigmoid gate; top-k weights not renormalized.
+    return Qwen2MoeConfig(
+        vocab_size=vocab, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+        **SMALL,
+    )  # fmt: skip
 
 
 def _qwen2(vocab: int) -> PretrainedConfig:
@@ -119,6 +202,14 @@ def _tied(vocab: int) -> PretrainedConfig:
     return LlamaConfig(vocab_size=vocab, num_key_value_heads=1, tie_word_embeddings=True, **SMALL)
 
 
+def _llama3_long(vocab: int) -> PretrainedConfig:
+    # The llama3 kind with room for long generations (server tests of long streams); a
+    # random model's position limit costs nothing until the tokens exist.
+    config = _llama3(vocab)
+    config.max_position_embeddings = 8192
+    return config
+
+
 SPECS: dict[str, Spec] = {
     "llama3": Spec(_llama3, seed=1),
     "llama_linear": Spec(_llama_linear, seed=2, legacy_config=True),
@@ -127,6 +218,13 @@ SPECS: dict[str, Spec] = {
     "qwen3_qk_norm": Spec(_qwen3, seed=5),
     "tied": Spec(_tied, seed=6),
     "bf16_sharded": Spec(_qwen2, seed=7, bf16_shards=True),
+    "gemma2": Spec(_gemma2, seed=8),
+    "gemma3": Spec(_gemma3, seed=9),
+    "phi3": Spec(_phi3, seed=10),
+    "mixtral": Spec(_mixtral, seed=11),
+    "qwen3_moe": Spec(_qwen3_moe, seed=12),
+    "qwen2_moe": Spec(_qwen2_moe, seed=13),
+    "llama3_long": Spec(_llama3_long, seed=1),  # not in KINDS: the same model as llama3
 }
 
 
@@ -154,14 +252,25 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
 @torch.no_grad()
 def randomize_weights(model: torch.nn.Module) -> None:
     """Draw weights so activations stay O(1) but attention and logits are far from uniform."""
+    # Gemma: embeddings are scaled by sqrt(hidden) = 8 and every sublayer's output is normalized
+    # before its residual add, so with the usual draws the token's own (tied) embedding would
+    # dominate the last layer and greedy decoding would repeat the input. Norm factors (1 + w)
+    # of 4 to 5 and smaller embeddings let the layers speak.
+    gemma = model.config.model_type.startswith("gemma")
+    norm_low, embed_std = (3.0, 0.15) if gemma else (0.5, 0.5)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.uniform_(0.5, 1.5)
+        if gemma and name.endswith(("q_norm.weight", "k_norm.weight")):
+            param.uniform_(-0.5, 0.5)  # q and k near unit scale: float16 scores stay accurate
+        elif name.endswith("norm.weight"):
+            param.uniform_(norm_low, norm_low + 1.0)
+        elif name.endswith((".gate.weight", "shared_expert_gate.weight")):
+            # MoE routers: decisive scores, so no token's top-k is a near-tie.
+            param.normal_(0.0, 4.0 / math.sqrt(param.shape[1]))
         elif name.endswith("bias"):
             param.normal_(0.0, 0.5)
         elif "embed_tokens" in name:
             # Also the LM head when tied: 0.5 * sqrt(64) gives logits of std ~4.
-            param.normal_(0.0, 0.5)
+            param.normal_(0.0, embed_std)
         elif "lm_head" in name:
             param.normal_(0.0, 4.0 / math.sqrt(param.shape[1]))
         else:
@@ -233,3 +342,22 @@ def prompt_ids(length: int = 24) -> list[int]:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def perturbed_copy(source: Path, folder: Path, scale: float, seed: int) -> Path:
+    """The source model with every weight jittered by scale * its std: a draft that agrees with
+    the target often but not always, like a real one."""
+    from safetensors.numpy import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+            continue
+        weights = load_file(path)
+        for name, w in weights.items():
+            noise = rng.standard_normal(w.shape) * scale * float(w.std())
+            weights[name] = (w + noise).astype(w.dtype)
+        save_file(weights, folder / path.name, metadata={"format": "pt"})
+    return folder

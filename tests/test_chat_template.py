@@ -91,7 +91,21 @@ MISSING_KEYS = (
     "{% endfor %}"
 )
 
+# Gemma's turn format: no system role, the assistant called "model", contents trimmed.
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 HANDWRITTEN = {
+    "gemma_turns": (GEMMA_TURNS, USER_CHAT),
     "alternating": (ALTERNATING, USER_CHAT),
     "tojson": (TOJSON, SYSTEM_CHAT),
     "loop_controls": (LOOP_CONTROLS, SYSTEM_CHAT),

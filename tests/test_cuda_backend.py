@@ -13,15 +13,11 @@ import pytest
 from checkpoints import KINDS, prompt_ids
 
 from nanovllm import check
-from nanovllm.backends import cuda_available, get_backend
-from nanovllm.backends.cuda import (
-    CUDABackend,
-    bf16_from_float32,
-    float32_from_bf16,
-    kv_cache_block_bytes,
-    num_blocks_for_budget,
-)
-from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS
+from nanovllm.backends import cuda_available, get_backend, self_check
+from nanovllm.backends.cuda import CUDABackend, bf16_from_float32, float32_from_bf16
+from nanovllm.backends.kernel_cases import CheckResult
+from nanovllm.backends.kernel_library import ATTENTION_HEAD_DIMS, GGUF_FORMATS
+from nanovllm.backends.memory import kv_cache_block_bytes, num_blocks_for_budget
 from nanovllm.errors import NanovllmError
 
 NEW_TOKENS = 4
@@ -99,10 +95,10 @@ def test_num_blocks_refuses_when_nothing_fits() -> None:
 # ---- start-up self-check and `nanovllm check` ----------------------------------------------
 def test_self_check_failure_stops_with_the_failing_kernel(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path))
-    failing = [check.CheckResult("rotary float16", False, "max error 9.00 x tolerance")]
-    monkeypatch.setattr(check, "kernel_checks", lambda *a, **k: failing)
+    failing = [CheckResult("rotary float16", False, "max error 9.00 x tolerance")]
+    monkeypatch.setattr(self_check, "kernel_checks", lambda *a, **k: failing)
     with pytest.raises(NanovllmError, match="rotary float16: max error 9.00"):
-        check.startup_self_check(CUDABackend("float16", emulated=True), head_dim=64)
+        self_check.startup_self_check(CUDABackend("float16", emulated=True), [64])
 
 
 def test_self_check_runs_once_per_kernel_sources_and_arch(monkeypatch, tmp_path) -> None:
@@ -111,12 +107,12 @@ def test_self_check_runs_once_per_kernel_sources_and_arch(monkeypatch, tmp_path)
 
     def passing(*args, **kwargs):
         calls.append(args)
-        return [check.CheckResult("rotary float16", True, "")]
+        return [CheckResult("rotary float16", True, "")]
 
-    monkeypatch.setattr(check, "kernel_checks", passing)
+    monkeypatch.setattr(self_check, "kernel_checks", passing)
     backend = CUDABackend("float16", emulated=True)
-    check.startup_self_check(backend, head_dim=64)
-    check.startup_self_check(backend, head_dim=64)
+    self_check.startup_self_check(backend, [64])
+    self_check.startup_self_check(backend, [64])
     assert len(calls) == 1
     assert len(list((tmp_path / "selfcheck").iterdir())) == 1
 
@@ -141,14 +137,18 @@ def test_check_emulated_runs_every_kernel_and_the_tiny_model(capsys) -> None:
     assert report["device"] == "CUDA emulator (CPU)"
     names = [c["name"] for c in report["checks"]]
     assert "paged_attention d128 bfloat16" in names and "tiny model greedy float16" in names
-    assert len(names) == 3 * (6 + len(ATTENTION_HEAD_DIMS)) + 2
+    assert {"linear Q4_K float16", "embedding Q6_K float32", "matmul bfloat16"} <= set(names)
+    assert "linear fused Q8_0+Q4_0 float16" in names
+    # per float32 and float16: dense and 8 formats x (kernel, linear, embedding), one fused
+    matmuls = 2 * (3 + 3 * len(GGUF_FORMATS) + 1) + 1
+    assert len(names) == 3 * (11 + len(ATTENTION_HEAD_DIMS)) + matmuls + 2
     assert all(c["passed"] for c in report["checks"])
     assert {b["arch"] for b in report["builds"]} == {"sm_80"}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_tiny_model_check_passes_on_the_emulator(dtype) -> None:
-    result = check.model_check(CUDABackend(dtype, emulated=True), new_tokens=3)
+    result = self_check.model_check(CUDABackend(dtype, emulated=True), new_tokens=3)
     assert result.passed, result.detail
 
 
@@ -191,14 +191,17 @@ def test_checkpoint_float16_matches_cpu_up_to_near_ties(checkpoint_factory, on_c
     model = load_model(str(path), device="cuda-emulated")
     error = float(np.abs(model.logits(PROMPT) - cpu.logits(PROMPT)).max())
     assert error < 0.25
-    must_agree = check.decisive_prefix(check.greedy_margins(cpu, PROMPT, want), error)
+    must_agree = self_check.decisive_prefix(self_check.greedy_margins(cpu, PROMPT, want), error)
     assert model.greedy(PROMPT, NEW_TOKENS)[:must_agree] == want[:must_agree]
 
 
-def test_llm_generate_on_emulated_cuda_matches_the_cpu_reference(checkpoint_factory) -> None:
+# Gemma 2 (sliding window over 8 of the 9 and 16 prompt tokens, soft caps, GeGLU) and Mixtral
+# (grouped MoE kernels) through the engine's batched steps and padded decode buckets.
+@pytest.mark.parametrize("kind", ["llama3", "gemma2", "mixtral"])
+def test_llm_generate_on_emulated_cuda_matches_the_cpu_reference(checkpoint_factory, kind) -> None:
     from nanovllm import LLM, SamplingParams
 
-    path = str(checkpoint_factory("llama3"))
+    path = str(checkpoint_factory(kind))
     prompts = [prompt_ids(9), prompt_ids(16)]  # two lengths: one batch mixes prefill and decode
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     outputs = {}

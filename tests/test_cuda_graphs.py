@@ -8,17 +8,18 @@ The capture code itself is exercised against a stand-in for CuPy's graph API.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _fake_cupy import FakeCuPy
 from checkpoints import prompt_ids
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine import cuda_graphs
+from nanovllm.engine.batch import ForwardItem
 from nanovllm.engine.cuda_graphs import (
     CapturedGraphs,
     DecodeGraphRunner,
@@ -26,7 +27,7 @@ from nanovllm.engine.cuda_graphs import (
     bucket_for,
     relative_error,
 )
-from nanovllm.engine.model_runner import ForwardItem, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -259,110 +260,36 @@ def test_enforce_eager_and_the_cpu_backend_never_take_the_bucket_path(model_path
     assert make_llm(model_path, device="cpu").engine.runner.decode_graphs is None
 
 
-# ---- capture, against a stand-in for CuPy's graph API ---------------------------------------------
-class FakeCupy:
-    """Just enough of cupy.cuda to run CapturedGraphs: records what is current when."""
-
-    def __init__(self) -> None:
-        self.allocator = None
-        self.stream = "null stream"
-        self.launches: list[tuple[int, object]] = []
-        self.streams: list = []
-        self.pools: list = []
-        fake = self
-
-        class Stream:
-            def __init__(self, non_blocking: bool = False) -> None:
-                self.capturing = False
-                self.captured: list[int] = []
-                fake.streams.append(self)
-
-            def __enter__(self):
-                self.previous, fake.stream = fake.stream, self
-
-            def __exit__(self, *exc):
-                fake.stream = self.previous
-
-            def synchronize(self) -> None:
-                pass
-
-            def begin_capture(self) -> None:
-                self.capturing = True
-
-            def end_capture(self):
-                self.capturing = False
-                return Graph(self.captured.pop())
-
-        class Graph:
-            def __init__(self, bucket: int) -> None:
-                self.bucket = bucket
-
-            def launch(self, stream=None) -> None:
-                fake.launches.append((self.bucket, stream))
-
-        class MemoryPool:
-            freed = False
-
-            def __init__(self) -> None:
-                fake.pools.append(self)
-
-            def malloc(self, size: int) -> None:
-                pass
-
-            def free_all_blocks(self) -> None:
-                self.freed = True
-
-        @contextlib.contextmanager
-        def using_allocator(allocator):
-            previous, self.allocator = self.allocator, allocator
-            try:
-                yield
-            finally:
-                self.allocator = previous
-
-        self.cuda = SimpleNamespace(
-            Stream=Stream,
-            MemoryPool=MemoryPool,
-            using_allocator=using_allocator,
-            get_current_stream=lambda: self.stream,
-            runtime=SimpleNamespace(deviceSynchronize=lambda: None),
-        )
-
-
+# ---- capture, against the stand-in for CuPy (tests/_fake_cupy.py) -------------------------------
 def test_graphs_are_captured_largest_first_after_a_warm_up_on_a_private_pool():
-    cupy, calls = FakeCupy(), []
+    cupy, calls = FakeCuPy(), []
 
     def forward(bucket: int):
-        stream = cupy.stream
-        calls.append((bucket, stream.capturing, cupy.allocator == cupy.pools[0].malloc))
-        if stream.capturing:
-            stream.captured.append(bucket)
-        return f"logits {bucket}"
+        stream = cupy.capturing()
+        private = cupy.allocator is not None and cupy.allocator.__self__ is not cupy.default_pool
+        calls.append((bucket, stream is not None, private))
+        return cupy.full((bucket,), float(bucket), np.float32)  # from the private pool
 
     graphs = CapturedGraphs(cupy, forward, [1, 2, 4])
-    # Each bucket: an eager warm-up, then the capture, on the private pool and the side stream
-    # (a capturing stream is the only one that records the bucket).
-    assert cupy.streams[0].captured == [] and len(cupy.pools) == 1
+    # Each bucket: an eager warm-up, then the capture, on the private pool and the side stream.
     assert calls == [(4, False, True), (4, True, True), (2, False, True), (2, True, True),
                      (1, False, True), (1, True, True)]  # fmt: skip
-    assert cupy.allocator is None and cupy.stream == "null stream"  # both restored
-    cupy.stream = "current stream"
-    assert graphs.replay(2) == "logits 2"
-    assert cupy.launches == [(2, "current stream")]  # ordered with the eager work around it
+    assert cupy.allocator is None and cupy.current is cupy.null_stream  # both restored
+    assert cupy.default_pool.used_bytes() == 0 and graphs.pool.used_bytes() > 0
+    assert graphs.replay(2).get().tolist() == [2.0, 2.0]  # the capture's output, filled by replay
     pool = graphs.pool
     graphs.release()
-    assert pool.freed and not graphs.graphs
+    assert pool.total_bytes() == pool.used_bytes() and not graphs.graphs
 
 
 def test_a_failing_capture_still_ends_capture_mode():
-    cupy = FakeCupy()
+    cupy = FakeCuPy()
 
     def forward(bucket: int):
-        if cupy.stream.capturing:
-            cupy.stream.captured.append(bucket)
+        if cupy.capturing() is not None:
             raise RuntimeError("not capturable")
 
     with pytest.raises(RuntimeError, match="not capturable"):
         CapturedGraphs(cupy, forward, [1])
-    assert not cupy.streams[0].capturing
-    assert cupy.stream == "null stream" and cupy.allocator is None
+    assert all(stream.recording is None for stream in cupy.streams)
+    assert cupy.current is cupy.null_stream and cupy.allocator is None

@@ -10,7 +10,7 @@ from _text_fixtures import byte_level_folder, qwen3_folder, sentencepiece_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanovllm.engine.detokenizer import PROMPT_CONTEXT_IDS, IncrementalDetokenizer, first_stop
+from nanovllm.engine.detokenizer import PROMPT_CONTEXT_IDS, IncrementalDetokenizer, StopStrings
 from nanovllm.models.tokenizer import Tokenizer
 
 MULTIBYTE = "Bonjour 😀 le monde! Zürich 東京 日本語のテキスト 👍🏽 🇫🇷 crème brûlée ∑√∞"
@@ -266,7 +266,7 @@ def test_empty_stop_string_is_rejected(byte_level) -> None:
     ],
 )
 def test_first_stop(text, new_from, stop, expected) -> None:
-    assert first_stop(text, new_from, stop) == expected
+    assert StopStrings(stop).first(text, new_from) == expected
 
 
 # --- properties over random token sequences ---------------------------------------------------

@@ -503,3 +503,22 @@ def test_sentencepiece_vocabulary_is_refused_clearly(tmp_path):
         ModelLoadError, match="tokenizer model 'llama' is not supported.*SentencePiece"
     ):
         load_gguf(path)
+
+
+def test_a_folder_holding_one_gguf_file_loads_it(tmp_path):
+    from nanovllm.errors import ModelLoadError
+    from nanovllm.models.loader import load_checkpoint
+
+    shape = TinyShape()
+    expected = hf_state_dict("llama", shape, np.random.default_rng(0), tied=True)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_gguf(folder / "tiny.gguf", "llama", gguf_tensors(expected, "llama", shape), shape)
+    checkpoint = load_checkpoint(str(folder))
+    assert checkpoint.config.num_layers == shape.layers
+    assert checkpoint.num_weights == len(expected) == len(list(checkpoint.weights()))
+    (folder / "other.gguf").write_bytes((folder / "tiny.gguf").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"several GGUF files \(other.gguf, tiny.gguf\)"):
+        load_checkpoint(str(folder))
+    with pytest.raises(ModelLoadError, match=r"no config.json and no .gguf file"):
+        load_checkpoint(str(tmp_path))

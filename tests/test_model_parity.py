@@ -1,9 +1,11 @@
 """nanovllm's NumPy models against transformers on tiny random checkpoints: logits and greedy tokens.
 
 One checkpoint per feature the loader and model must get right (Llama 3 and linear rope
-scaling, GQA, Mistral, Qwen2 QKV bias, Qwen3 q/k norm with an odd head_dim, tied embeddings,
-a sharded bf16 checkpoint). The oracle tests at the bottom prove that each feature moves the
-logits far beyond the tolerance, so the parity tests cannot pass with the feature dropped.
+scaling, GQA, Mistral's sliding window, Qwen2 QKV bias, Qwen3 q/k norm with an odd head_dim,
+tied embeddings, a sharded bf16 checkpoint, Gemma 2 and 3, Phi-3's fused weights and LongRoPE,
+Mixtral, Qwen3-MoE and Qwen2-MoE). The prompt (24 tokens) is longer than every sliding window
+(8 or 12). The oracle tests at the bottom prove that each feature moves the logits far beyond
+the tolerance, so the parity tests cannot pass with the feature dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import BOS_ID, EOS_ID, KINDS, prompt_ids, train_tokenizer
+from checkpoints import BOS_ID, EOS_ID, KINDS, PHI3_ORIGINAL_LENGTH, prompt_ids, train_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 TOLERANCE = 1e-4
@@ -78,6 +80,11 @@ def oracle_run(checkpoint_factory):
     return get
 
 
+# Phi-3 up to its pretraining length: LongRoPE's short factors, which is what transformers uses
+# while a sequence (prompt + 32 tokens) stays that short. The long factors are tested below.
+LOAD_ARGS = {"phi3": dict(max_model_len=PHI3_ORIGINAL_LENGTH)}
+
+
 @pytest.fixture(scope="module")
 def loaded(checkpoint_factory):
     """kind -> nanovllm LoadedModel, loaded once per module."""
@@ -87,8 +94,9 @@ def loaded(checkpoint_factory):
 
     def get(kind: str):
         if kind not in models:
+            path = str(checkpoint_factory(kind))
             models[kind] = load_model(
-                str(checkpoint_factory(kind)), device="cpu-reference", dtype="float32"
+                path, device="cpu-reference", dtype="float32", **LOAD_ARGS.get(kind, {})
             )
         return models[kind]
 
@@ -129,6 +137,7 @@ def test_loaded_config_and_tokenizer_match_checkpoint(kind, loaded, checkpoint_f
     hf = AutoConfig.from_pretrained(checkpoint_factory(kind))
     assert lm.config.vocab_size == hf.vocab_size
     assert lm.config.num_kv_heads == hf.num_key_value_heads
+    assert lm.config.sliding_window == (getattr(hf, "sliding_window", None) or None)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     assert lm.config.head_dim == head_dim
     assert lm.config.tie_word_embeddings == hf.tie_word_embeddings
@@ -138,13 +147,50 @@ def test_loaded_config_and_tokenizer_match_checkpoint(kind, loaded, checkpoint_f
     assert lm.tokenizer.decode(train_tokenizer().encode(text).ids) == text
 
 
+def test_phi3_past_its_pretraining_length_uses_the_long_factors_like_transformers(
+    checkpoint_factory,
+):
+    """A context allowed past the pretraining length takes LongRoPE's long factors; transformers
+    takes them for every forward pass whose sequence is longer, so an 80-token prompt matches."""
+    from nanovllm.models import load_model
+
+    path = checkpoint_factory("phi3")
+    prompt = np.random.default_rng(0).integers(3, 320, PHI3_ORIGINAL_LENGTH + 16).tolist()
+    model = load_oracle(path)
+    expected = oracle_logits(model, prompt)
+    greedy, margins = oracle_greedy(model, prompt)
+    assert margins.min() > 2 * TOLERANCE
+    lm = load_model(str(path), device="cpu", dtype="float32")
+    assert lm.max_positions > PHI3_ORIGINAL_LENGTH
+    assert float(np.abs(lm.logits(prompt) - expected).max()) <= TOLERANCE
+    assert lm.greedy(prompt, NEW_TOKENS) == greedy
+
+
 # --- The oracle itself: each feature must matter, or its parity test proves nothing. ---
+
+
+def with_config(**changes):
+    """A mutation that loads the checkpoint with config attributes changed."""
+
+    def load(path: Path) -> torch.nn.Module:
+        config = AutoConfig.from_pretrained(path)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        return load_oracle(path, config)
+
+    return load
 
 
 def without_rope_scaling(path: Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(path)
     theta = config.rope_parameters["rope_theta"]
     config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    return load_oracle(path, config)
+
+
+def with_global_rope_on_sliding_layers(path: Path) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    config.rope_parameters["sliding_attention"] = dict(config.rope_parameters["full_attention"])
     return load_oracle(path, config)
 
 
@@ -174,18 +220,46 @@ def with_unit_norm_weights(path: Path) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def without_shared_expert(path: Path) -> torch.nn.Module:
+    model = load_oracle(path)
+    for layer in model.model.layers:
+        layer.mlp.shared_expert.down_proj.weight.zero_()
+    return model
+
+
 MUTATIONS = {
-    "llama3": without_rope_scaling,
-    "llama_linear": without_rope_scaling,
-    "qwen2_bias": without_qkv_bias,
-    "qwen3_qk_norm": without_qk_norm,
-    "mistral": with_unit_norm_weights,
+    "llama3-rope_scaling": without_rope_scaling,
+    "llama_linear-rope_scaling": without_rope_scaling,
+    "qwen2_bias-qkv_bias": without_qkv_bias,
+    "qwen3_qk_norm-qk_norm": without_qk_norm,
+    "mistral-norm_weights": with_unit_norm_weights,
+    "mistral-sliding_window": with_config(sliding_window=None),
+    "gemma2-sliding_window": with_config(layer_types=["full_attention"] * 2),
+    "gemma2-attn_softcap": with_config(attn_logit_softcapping=None),
+    "gemma2-final_softcap": with_config(final_logit_softcapping=None),
+    "gemma2-query_pre_attn_scalar": with_config(query_pre_attn_scalar=16),
+    "gemma3-sliding_window": with_config(layer_types=["full_attention"] * 2),
+    "gemma3-local_rope_base": with_global_rope_on_sliding_layers,
+    "gemma3-qk_norm": without_qk_norm,
+    "phi3-longrope": without_rope_scaling,
+    "phi3-sliding_window": with_config(sliding_window=None),
+    "mixtral-top_k": with_config(num_experts_per_tok=1),
+    "qwen3_moe-norm_topk_prob": with_config(norm_topk_prob=False),
+    "qwen2_moe-norm_topk_prob": with_config(norm_topk_prob=True),
+    "qwen2_moe-shared_expert": without_shared_expert,
 }
 
 
-@pytest.mark.parametrize("kind", MUTATIONS)
-def test_dropping_the_feature_changes_logits_and_tokens(kind, checkpoint_factory, oracle_run):
-    model = MUTATIONS[kind](checkpoint_factory(kind))
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_dropping_the_feature_changes_logits_and_tokens(mutation, checkpoint_factory, oracle_run):
+    kind = mutation.split("-")[0]
+    model = MUTATIONS[mutation](checkpoint_factory(kind))
     run = oracle_run(kind)
     assert np.abs(oracle_logits(model, prompt_ids()) - run.logits).max() > 1000 * TOLERANCE
-    assert oracle_greedy(model, prompt_ids())[0] != run.greedy
+    if mutation not in MONOTONIC:
+        assert oracle_greedy(model, prompt_ids())[0] != run.greedy
+
+
+# Capping the final logits keeps their order: it changes probabilities, never greedy tokens.
+MONOTONIC = {"gemma2-final_softcap"}

@@ -19,6 +19,7 @@ from nanovllm.backends.kernel_library import (
     kernel_source,
 )
 from nanovllm.backends.nvrtc_check import compile_family, parse_ptxas_log
+from nanovllm.errors import NanovllmError
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -89,8 +90,10 @@ def test_sources_are_found_as_package_data_with_common_header_pasted_in() -> Non
     assert "NANOVLLM_COMMON_CUH" in kernel_file_text("common.cuh")
     for family in KERNEL_FILES:
         source = kernel_source(family)
-        assert '#include "common.cuh"' not in source.splitlines()
-        assert "namespace nanovllm" in source
+        # Headers are pasted recursively (matmul.cu includes gguf_blocks.cuh, which includes
+        # common.cuh): no local include is left for NVRTC, which has no kernels/ directory.
+        assert not re.search(r'^#include "', source, re.MULTILINE)
+        assert source.count("namespace nanovllm {") >= 1
         # After the pasted header, line numbers resume at the line after the #include.
         raw_lines = kernel_file_text(f"{family}.cu").splitlines()
         include_line = raw_lines.index('#include "common.cuh"') + 1
@@ -99,7 +102,7 @@ def test_sources_are_found_as_package_data_with_common_header_pasted_in() -> Non
 
 @pytest.mark.parametrize("family", KERNEL_FILES)
 def test_kernels_use_nothing_the_emulator_cannot_run(family: str) -> None:
-    source = kernel_file_text(f"{family}.cu")
+    source = kernel_source(family)  # with the headers it includes
     for banned in (
         r"\basm\b",
         r"cp\.async",
@@ -127,3 +130,95 @@ def test_attention_launch_constants_match_the_kernel_source() -> None:
     warps = re.search(r"constexpr int kAttentionWarps = (\d+);", source)
     assert int(vectors.group(1)) == ATTENTION_QUERY_VECTORS
     assert int(warps.group(1)) * 32 == ATTENTION_THREADS
+
+
+def test_matmul_launch_constants_match_the_kernel_source() -> None:
+    """cuda.py sizes the matmul grid from these; a mismatch would leave outputs unwritten."""
+    from nanovllm.backends.kernel_library import (
+        MATMUL_ROWS_PER_WARP,
+        MATMUL_THREADS,
+        MATMUL_TILE_M,
+        matmul_geometry,
+    )
+
+    source = kernel_file_text("matmul.cu")
+    constants = dict(re.findall(r"constexpr int (kMatmul\w+) = (\d+);", source))
+    assert int(constants["kMatmulTileM"]) == MATMUL_TILE_M
+    assert int(constants["kMatmulWarps"]) * 32 == MATMUL_THREADS
+    assert int(constants["kMatmulRowsPerWarp"]) == MATMUL_ROWS_PER_WARP
+    bounds = re.findall(r"__launch_bounds__\((\d+)", source)
+    assert bounds and all(int(b) == MATMUL_THREADS for b in bounds)
+    # Qwen3-0.6B's o_proj at batch 1: 64 units of 32 per row, 2 warps per row pair, 4 rows a block.
+    assert matmul_geometry(1, 1024, 64) == (256, 2)
+    assert matmul_geometry(33, 19, 5) == (9 * 3, 1)
+    assert matmul_geometry(5, 19, 129) == (2 * 10, 4)
+
+
+def test_gguf_block_sizes_match_the_gguf_package() -> None:
+    """The glue checks uploaded rows against these sizes; the kernels' own layouts are checked
+    value by value in tests/test_kernels_matmul.py."""
+    import gguf
+
+    from nanovllm.backends.kernel_library import GGUF_FORMATS
+
+    for name, (values, size) in GGUF_FORMATS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] == (values, size)
+
+
+# ---- where the CUDA headers come from ---------------------------------------------------------
+def _headers(folder):
+    folder.mkdir(parents=True)
+    (folder / "cuda_fp16.h").write_text("// stand-in")
+    return folder
+
+
+def test_cuda_headers_are_found_in_the_cuda_13_wheel_layout_and_toolkits(tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from nanovllm.backends import kernel_library
+
+    cu13 = _headers(tmp_path / "site" / "nvidia" / "cu13" / "include")
+    specs = {
+        "nvidia": SimpleNamespace(submodule_search_locations=[str(tmp_path / "site" / "nvidia")])
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: specs.get(name))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "toolkit"))
+    monkeypatch.setattr(kernel_library, "DEFAULT_TOOLKITS", ())
+    assert kernel_library.cuda_include_dir() == cu13  # cupy-cuda13x's nvidia-cuda-runtime
+    specs.clear()
+    toolkit = _headers(tmp_path / "toolkit" / "include")
+    assert kernel_library.cuda_include_dir() == toolkit  # $CUDA_PATH
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(NanovllmError, match="nvidia-cuda-runtime"):
+        kernel_library.cuda_include_dir()
+
+
+def test_the_cuda_extra_check_accepts_cuda_13_wheels(tmp_path, monkeypatch):
+    """cupy-cuda13x with nvidia-cuda-nvrtc / nvidia-cuda-runtime 13 (what the lent GPU machines
+    have): no nvidia.cuda_nvrtc or nvidia.cuda_runtime module, NVRTC and headers in nvidia/cu13."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from nanovllm import extras
+    from nanovllm.backends import kernel_library
+
+    cu13 = tmp_path / "nvidia" / "cu13"
+    _headers(cu13 / "include")
+    specs = {
+        "cupy": object(),
+        "nvidia": SimpleNamespace(submodule_search_locations=[str(cu13.parent)]),
+    }
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: specs.get(name))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(kernel_library, "DEFAULT_TOOLKITS", ())
+    with pytest.raises(NanovllmError, match=r"missing: nvidia-cuda-nvrtc-cu12\)"):
+        extras.require_cuda_extra("--device cuda")  # headers found, NVRTC not
+    (cu13 / "lib").mkdir()
+    (cu13 / "lib" / "libnvrtc.so.13").write_bytes(b"")
+    extras.require_cuda_extra("--device cuda")
+    del specs["cupy"]
+    with pytest.raises(NanovllmError, match=r"missing: cupy-cuda12x\)"):
+        extras.require_cuda_extra("--device cuda")

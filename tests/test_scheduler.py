@@ -21,11 +21,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from nanovllm.backends import get_backend
 from nanovllm.config import EngineConfig
+from nanovllm.engine.assembly import Models, assemble, length_limit, model_info
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
+from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Request, Sequence, SequenceStatus
+from nanovllm.engine.step import SchedulerOutput
+from nanovllm.models.loader import load_checkpoint
 from nanovllm.sampling_params import SamplingParams
 
 # ---- the scheduler alone --------------------------------------------------------------------
@@ -48,17 +51,18 @@ def make_seq(seq_id: int, num_tokens: int) -> Sequence:
     return Sequence(seq_id, Request(str(seq_id), None, token_ids, params), 0, token_ids, params)
 
 
-def finish_step(scheduler: Scheduler, batch: ScheduledBatch) -> None:
+def finish_step(scheduler: Scheduler, batch: SchedulerOutput) -> None:
     """What the engine does after the model ran: advance, cache, append a token where due."""
-    for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-        seq.num_computed_tokens += num_new
+    for item in batch.scheduled:
+        seq = item.seq
+        seq.num_computed_tokens += item.num_tokens
         scheduler.block_manager.cache_computed_blocks(seq)
         if seq.num_computed_tokens == seq.num_tokens:
             seq.token_ids.append(7)
 
 
-def scheduled(batch: ScheduledBatch) -> list[tuple[int, int]]:
-    return [(seq.seq_id, n) for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+def scheduled(batch: SchedulerOutput) -> list[tuple[int, int]]:
+    return [(item.seq.seq_id, item.num_tokens) for item in batch.scheduled]
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget():
@@ -243,10 +247,11 @@ class Harness:
             max_num_batched_tokens=budget,
             enable_prefix_caching=caching,
         )
-        self.engine = LLMEngine(config)
+        checkpoint = load_checkpoint(model)
+        self.model = TokenCacheModel(checkpoint.config, num_blocks, block_size)
+        info = model_info(checkpoint, length_limit(config, checkpoint.config))
+        self.engine = assemble(config, info, get_backend("cpu"), Models(self.model))
         assert set(self.engine.eos_token_ids) == {0, EOS}  # next_token never gives 0
-        self.model = TokenCacheModel(self.engine.model_config, num_blocks, block_size)
-        self.engine.runner.model = self.model
         self.requests: list[Request] = []
         self.aborted: set[str] = set()
         self.finished: dict[str, list[list[int]]] = {}

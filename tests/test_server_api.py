@@ -124,6 +124,48 @@ def test_echo_prefixes_the_prompt(client, llm):
     assert response.choices[0].text == PROMPT + expected
 
 
+def test_echo_with_logprobs_gives_the_prompt_tokens_their_logprobs(client, llm):
+    """vLLM's answer: the prompt's tokens lead `logprobs`, the first one with null entries."""
+    params = greedy(3, logprobs=2, prompt_logprobs=2)
+    expected = llm.generate(PROMPT, params, use_tqdm=False)[0]
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    choice = response.choices[0]
+    assert choice.text == PROMPT + expected.outputs[0].text
+    ids = expected.prompt_token_ids
+    prompt_lps = [entry[token].logprob for entry, token in zip(expected.prompt_logprobs[1:], ids[1:], strict=True)]  # fmt: skip
+    sampled = [entry.logprob for entry in expected.outputs[0].logprobs]
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(prompt_lps + sampled, abs=1e-4)
+    assert len(logprobs.tokens) == len(ids) + 3
+    assert all(2 <= len(top) <= 3 for top in logprobs.top_logprobs[1:])
+    lengths = [len(t) for t in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+    # Streamed, the first chunk carries the prompt's entries: the same lists in the end.
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=2,
+        stream=True,
+    )  # fmt: skip
+    chunks = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert sum((c.token_logprobs for c in chunks), []) == logprobs.token_logprobs
+    assert sum((c.tokens for c in chunks), []) == logprobs.tokens
+
+
+def test_prompt_logprobs_field_gives_vllms_shape(server, llm):
+    expected = llm.generate(PROMPT, greedy(1, prompt_logprobs=1), use_tqdm=False)[0]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}  # fmt: skip
+    scored = server.post(COMP, body).json()["choices"][0]["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(expected.prompt_logprobs)
+    for got, entry in zip(scored[1:], expected.prompt_logprobs[1:], strict=True):
+        assert list(got) == [str(t) for t in entry]  # the prompt's token first
+        for token_id, logprob in entry.items():
+            assert got[str(token_id)]["rank"] == logprob.rank
+            assert got[str(token_id)]["decoded_token"] == logprob.decoded_token
+            assert got[str(token_id)]["logprob"] == pytest.approx(logprob.logprob, abs=1e-4)
+
+
 def test_stop_string_ends_the_text_before_it(client, llm):
     full = llm.generate(PROMPT, greedy(30, ignore_eos=True), use_tqdm=False)[0].outputs[0].text
     stop = full[5:7]
@@ -229,7 +271,12 @@ def test_metrics_counters_move_as_requests_complete(server, client):
     assert moved("vllm:request_success_total", (("finished_reason", "length"),)) == 1
     assert moved("vllm:e2e_request_latency_seconds_count") == 1
     assert moved("vllm:time_to_first_token_seconds_count") == 1
-    assert moved("vllm:time_per_output_token_seconds_count") == 1
+    # Per token after the first (vLLM's inter-token latency, and its deprecated name)...
+    assert moved("vllm:inter_token_latency_seconds_count") == 4
+    assert moved("vllm:time_per_output_token_seconds_count") == 4
+    # ... and once per request.
+    assert moved("vllm:request_time_per_output_token_seconds_count") == 1
+    assert moved("vllm:request_generation_tokens_sum") == 5
     assert after[("vllm:num_requests_running", ())] == 0
     assert after[("vllm:kv_cache_usage_perc", ())] == 0
 
@@ -252,7 +299,15 @@ BAD_REQUESTS = [
     ("prompt-mixed-list", COMP, {"prompt": ["a", 1]}, {}, 400, "prompt"),
     ("max-tokens-negative", COMP, {"prompt": "x", "max_tokens": -1}, {}, 400, "max_tokens"),
     ("max-tokens-string", COMP, {"prompt": "x", "max_tokens": "10"}, {}, 400, "max_tokens"),
-    ("max-tokens-huge", COMP, {"prompt": "x", "max_tokens": 10**6}, {}, 400, None),
+    ("max-tokens-huge", COMP, {"prompt": "x", "max_tokens": 10**6}, {}, 400, "max_tokens"),
+    (
+        "max-completion-tokens-huge",
+        CHAT,
+        {"messages": USER, "max_completion_tokens": 10**6},
+        {},
+        400,
+        "max_completion_tokens",
+    ),  # fmt: skip
     (
         "max-completion-tokens-zero",
         CHAT,
@@ -275,7 +330,7 @@ BAD_REQUESTS = [
     ),  # fmt: skip
     ("n-0", COMP, {"prompt": "x", "n": 0}, {}, 400, "n"),
     ("n-too-many", COMP, {"prompt": "x", "n": 1000}, {}, 400, "n"),
-    ("seed-negative", COMP, {"prompt": "x", "seed": -1}, {}, 400, "seed"),
+    ("seed-beyond-64-bits", COMP, {"prompt": "x", "seed": 2**63}, {}, 400, "seed"),
     ("ignore-eos-string", COMP, {"prompt": "x", "ignore_eos": "yes"}, {}, 400, "ignore_eos"),
     ("stop-empty-string", COMP, {"prompt": "x", "stop": [""]}, {}, 400, "stop"),
     (
@@ -287,7 +342,22 @@ BAD_REQUESTS = [
         "stop_token_ids",
     ),  # fmt: skip
     ("logprobs-21", COMP, {"prompt": "x", "logprobs": 21}, {}, 400, "logprobs"),
-    ("echo-with-logprobs", COMP, {"prompt": "x", "echo": True, "logprobs": 1}, {}, 400, "echo"),
+    (
+        "prompt-logprobs-streamed",
+        COMP,
+        {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
+    (
+        "prompt-logprobs-21",
+        CHAT,
+        {"messages": USER, "prompt_logprobs": 21},
+        {},
+        400,
+        "prompt_logprobs",
+    ),
     (
         "top-logprobs-without-logprobs",
         CHAT,
@@ -304,12 +374,74 @@ BAD_REQUESTS = [
         400,
         "stream_options",
     ),  # fmt: skip
-    ("unknown-model", COMP, {"prompt": "x", "model": "gpt-9"}, {}, 400, "model"),
-    ("prompt-too-long", COMP, {"prompt": TOO_LONG, "max_tokens": 1}, {}, 400, None),
-    ("token-id-out-of-vocab", COMP, {"prompt": [99999]}, {}, 400, None),
+    ("unknown-model", COMP, {"prompt": "x", "model": "gpt-9"}, {}, 404, "model"),
+    ("unknown-model-tokenize", "/tokenize", {"prompt": "x", "model": "gpt-9"}, {}, 404, "model"),
+    ("prompt-too-long", COMP, {"prompt": TOO_LONG, "max_tokens": 1}, {}, 400, "prompt"),
+    (
+        "prompt-too-long-chat",
+        CHAT,
+        {"messages": [{"role": "user", "content": "ab " * 200}]},
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("prompt-over-char-bound", COMP, {"prompt": "x" * 60_000}, {}, 400, "prompt"),
+    (
+        "chat-over-char-bound",
+        CHAT,
+        {"messages": [{"role": "user", "content": "x" * 60_000}]},
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("tokenize-over-char-bound", "/tokenize", {"prompt": "x" * 60_000}, {}, 400, "prompt"),
+    ("token-id-out-of-vocab", COMP, {"prompt": [99999]}, {}, 400, "prompt"),
+    ("deep-json", COMP, b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", {}, 400, None),
+    ("surrogate-prompt", COMP, b'{"prompt": "a\\ud800b"}', {}, 400, "prompt"),
+    ("surrogate-in-list", COMP, b'{"prompt": ["ok", "\\udfff"]}', {}, 400, "prompt"),
+    (
+        "surrogate-chat",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}',
+        {},
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("surrogate-tokenize", "/tokenize", b'{"prompt": "\\udc00"}', {}, 400, "prompt"),
     ("suffix-refused", COMP, {"prompt": "x", "suffix": "end"}, {}, 400, "suffix"),
     ("best-of-refused", COMP, {"prompt": "x", "best_of": 2}, {}, 400, "best_of"),
-    ("tools-refused", CHAT, {"messages": USER, "tools": [{"type": "function"}]}, {}, 400, "tools"),
+    (
+        "tool-without-function",
+        CHAT,
+        {"messages": USER, "tools": [{"type": "function"}]},
+        {},
+        400,
+        "tools[0].function",
+    ),  # fmt: skip
+    (
+        "tool-choice-missing-tool",
+        CHAT,
+        {"messages": USER, "tool_choice": "required"},
+        {},
+        400,
+        "tool_choice",
+    ),  # fmt: skip
+    (
+        "bad-regex",
+        COMP,
+        {"prompt": "x", "structured_outputs": {"regex": "("}},
+        {},
+        400,
+        "structured_outputs",
+    ),  # fmt: skip
+    (
+        "logit-bias-out-of-vocab",
+        COMP,
+        {"prompt": "x", "logit_bias": {"99999": 1}},
+        {},
+        400,
+        "logit_bias",
+    ),  # fmt: skip
     ("unknown-field", COMP, {"prompt": "x", "frobnicate": 1}, {}, 400, "frobnicate"),
     ("messages-empty", CHAT, {"messages": []}, {}, 400, "messages"),
     (
@@ -363,6 +495,31 @@ def test_bad_request_gets_openai_error(server, path, body, headers, status, para
 def test_prompt_too_long_message_gives_both_lengths(server):
     error = assert_openai_error(server.post(COMP, {"prompt": TOO_LONG}), 400)
     assert "300" in error["message"] and "256" in error["message"]
+
+
+def test_a_surrogate_pair_is_one_character_not_an_error(server, llm):
+    # The escaped pair \ud83d\ude42 is U+1F642; only a lone half is refused.
+    raw = b'{"prompt": "\\ud83d\\ude42"}'
+    response = server.post("/tokenize", data=raw, headers={"Content-Type": "application/json"})
+    assert response.json()["tokens"] == llm.tokenizer.encode("\U0001f642")
+
+
+def test_a_20_mb_body_gets_a_readable_413(server):
+    # The server refuses it from its Content-Length, then reads and drops the rest, so the
+    # client, which sends the whole body before reading, still gets the answer.
+    body = b'{"prompt": "' + b"x" * 20_000_000 + b'"}'
+    response = server.post(COMP, data=body, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 413)
+    assert "20000014" in error["message"] and "65536" in error["message"]
+    assert server.get("/health").status_code == 200
+
+
+def test_requests_beyond_the_character_bound_name_the_bound(server):
+    # 256 tokens x 13 characters (the longest entry of the test vocabulary) = 3,328.
+    fits = assert_openai_error(server.post(COMP, {"prompt": "ab " * 1100}), 400)  # 3,300 chars
+    over = assert_openai_error(server.post(COMP, {"prompt": "ab " * 1110}), 400)  # 3,330 chars
+    assert "tokens" in fits["message"] and "characters" not in fits["message"]
+    assert "3330 characters" in over["message"] and "3328" in over["message"]
 
 
 def test_wrong_method_gets_405(server):

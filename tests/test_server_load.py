@@ -205,6 +205,7 @@ def test_requests_beyond_the_bound_get_503_at_once(tiny_server):
     for response, elapsed in results.values():
         if response.status_code == 503:
             assert assert_openai_error(response, 503)["code"] == "overloaded"
+            assert int(response.headers["Retry-After"]) >= 1
             assert elapsed < 2.0
         else:
             assert response.json()["usage"]["completion_tokens"] == 200

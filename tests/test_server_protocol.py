@@ -91,6 +91,27 @@ def test_model_may_be_omitted_or_either_name():
         parse_completion({"prompt": "x", **model}, CTX)
 
 
+def test_an_unknown_model_is_404_and_the_message_names_no_served_model():
+    with pytest.raises(APIError) as info:
+        parse_completion({"prompt": "x", "model": "gpt-9"}, CTX)
+    assert (info.value.status, info.value.code, info.value.param) == (
+        404,
+        "model_not_found",
+        "model",
+    )
+    assert "gpt-9" in info.value.message
+    assert "tiny" not in info.value.message  # neither the served name nor the path
+
+
+def test_length_errors_name_the_field_the_request_used():
+    chat = parse_chat({"messages": USER, "max_completion_tokens": 5}, CTX)
+    legacy = parse_chat({"messages": USER, "max_tokens": 5}, CTX)
+    completion = parse_completion({"prompt": "x"}, CTX)
+    assert (chat.prompt_field, chat.max_tokens_field) == ("messages", "max_completion_tokens")
+    assert legacy.max_tokens_field == "max_tokens"
+    assert (completion.prompt_field, completion.max_tokens_field) == ("prompt", "max_tokens")
+
+
 def test_alias_is_named_in_errors():
     with pytest.raises(APIError) as info:
         parse_chat({"messages": USER, "max_completion_tokens": 0}, CTX)

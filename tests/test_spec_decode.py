@@ -12,7 +12,6 @@ incomplete gamma (scipy is not a dependency), itself checked against table value
 from __future__ import annotations
 
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from checkpoints import (
     BOS_ID,
     EOS_ID,
+    perturbed_copy,
     randomize_weights,
     train_tokenizer,
     write_generation_config,
@@ -29,7 +29,8 @@ from checkpoints import (
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.backends import get_backend
-from nanovllm.engine.spec_decode import SpecStats, ngram_propose, rejection_sample
+from nanovllm.engine.rejection import rejection_sample
+from nanovllm.engine.spec_decode import SpecStats, ngram_propose
 from nanovllm.errors import NanovllmError
 from nanovllm.models.loader import LoadedModel, load_checkpoint
 
@@ -255,25 +256,6 @@ def build_small_model(folder: Path, seed: int, vocab_extra: int = 0) -> Path:
     return folder
 
 
-def perturbed_copy(source: Path, folder: Path, scale: float, seed: int) -> Path:
-    """The source model with every weight jittered by scale * its std: a draft that agrees with
-    the target often but not always, like a real one."""
-    from safetensors.numpy import load_file, save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for path in source.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copy(path, folder / path.name)
-            continue
-        weights = load_file(path)
-        for name, w in weights.items():
-            noise = rng.standard_normal(w.shape) * scale * float(w.std())
-            weights[name] = (w + noise).astype(w.dtype)
-        save_file(weights, folder / path.name, metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def target(checkpoint_factory) -> Path:
     return checkpoint_factory("llama3")
@@ -391,11 +373,11 @@ def proposers(drafts):
 
 def record_proposals(llm: LLM, monkeypatch) -> list[tuple[list[int], int, list[int]]]:
     """Log (context, prompt length, guess) of every proposal the engine verifies."""
-    spec, log = llm.engine.spec, []
+    spec, log = llm.engine.runner.proposer, []
     propose = spec.propose
 
-    def recording(batch):
-        proposals = propose(batch)
+    def recording(wanted):
+        proposals = propose(wanted)
         for seq, proposal in proposals.items():
             log.append((list(seq.token_ids), seq.num_prompt_tokens, list(proposal.token_ids)))
         return proposals

@@ -25,7 +25,7 @@ from _server_fixtures import REQUEST_TIMEOUT_S, free_port, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm.engine.spec_decode import SpecStats
-from nanovllm.engine.stats import EngineStats
+from nanovllm.engine.stats import EngineStats, MaskStats
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.tui.app import TopApp
 from nanovllm.tui.client import METRICS_PATH, STATE_PATH, Client, http_get
@@ -120,11 +120,13 @@ async def wait_for(pilot, condition) -> None:
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, labels without model_name) -> value: the test's own reading of /metrics."""
+    """(sample name, labels without model_name and engine) -> value: the test's own reading."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            labels = tuple(
+                sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))
+            )
             out[(s.name, labels)] = s.value
     return out
 
@@ -364,10 +366,11 @@ def canned_metrics(spec: SpecStats | None) -> bytes:
         num_running=1, num_waiting=0, num_blocks=8, num_free_blocks=6, num_cached_free_blocks=1,
         num_preemptions=2, prefix_cache_queries=40, prefix_cache_hits=10, prompt_tokens=100,
         generation_tokens=50, num_finished_requests=4, num_steps=60, spec=spec,
+        num_constrained_requests=3, masks=MaskStats(num_seqs=40, num_rows=50, seconds=0.02),
     )  # fmt: skip
-    metrics = ServerMetrics("m", lambda: stats)
+    metrics = ServerMetrics("m", lambda: [stats])
     for ttft in (0.03, 0.03, 0.07, 0.2):
-        metrics.ttft.observe(ttft)
+        metrics.ttft["0"].observe(ttft)
     return metrics.render()[0]
 
 
@@ -379,14 +382,19 @@ CANNED_STATE = json.dumps({
 
 
 class FlakyServer:
-    """A fetch that is down (connection refused) or answers with canned bodies."""
+    """A fetch that is down (connection refused) or answers with canned bodies. A change of
+    `down` takes effect at the next poll (its /metrics fetch), never between the two fetches of
+    one poll, so the test never sees a poll that got /metrics but not the state."""
 
     def __init__(self, spec: SpecStats | None = None) -> None:
         self.down = True
+        self.down_this_poll = True
         self.metrics = canned_metrics(spec)
 
     def __call__(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
-        if self.down:
+        if url.endswith(METRICS_PATH):
+            self.down_this_poll = self.down
+        if self.down_this_poll:
             raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
         return 200, self.metrics if url.endswith(METRICS_PATH) else CANNED_STATE
 
@@ -431,7 +439,8 @@ async def test_counters_panel_shows_cache_preemptions_and_speculation(spec, show
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.poll_count == 1)
         assert text_of(app, "#counters") == (
-            "finished 0  preemptions 2\nprefix-cache hit rate 25.0%\n" + shown
+            "finished 0  preemptions 2\nprefix-cache hit rate 25.0%\n"
+            "structured 3 reqs  masks 0.400 ms/row (50 rows)\n" + shown
         )
         # TTFT 0.03, 0.03, 0.07, 0.2 s: p50 in (0.02, 0.04], p90 and p99 in (0.1, 0.25].
         assert "TTFT all    40.0ms  190.0ms  244.0ms      4" in text_of(app, "#latency")
@@ -453,11 +462,58 @@ def test_parse_metrics_reads_vllm_names_and_spec_counters():
     assert (sample.running, sample.waiting, sample.kv_cache_usage) == (1, 0, 0.25)
     assert (sample.prompt_tokens, sample.generation_tokens, sample.preemptions) == (100, 50, 2)
     assert (sample.prefix_cache_queries, sample.prefix_cache_hits) == (40, 10)
-    assert sample.finished == {"stop": 0, "length": 0, "abort": 0}
+    assert sample.finished == {"stop": 0, "length": 0, "abort": 0, "error": 0}
+    assert (sample.constrained_requests, sample.mask_rows, sample.mask_seconds) == (3, 50, 0.02)
     assert sample.ttft.count == 4 and sample.tpot.count == 0
     assert (sample.spec.num_drafts, sample.spec.num_draft_tokens, sample.spec.num_accepted_tokens) == (4, 12, 7)  # fmt: skip
     assert sample.spec.accepted_per_pos == [4, 2, 1]
     assert parse_metrics(canned_metrics(None).decode()).spec is None
+
+
+def vllm_exposition(kv_name: str, latency_name: str) -> str:
+    """/metrics in vLLM V1's shape (names, help, labels as vllm/v1/metrics/loggers.py writes
+    them) from a data-parallel server with two engines; `kv_name` and `latency_name` are the
+    KV-usage gauge and the per-token latency histogram of the vLLM version imitated."""
+    rows = []
+    for engine, (running, waiting, kv, prompt) in enumerate(((3, 1, 0.5, 100), (1, 0, 0.25, 40))):
+        labels = f'model_name="meta-llama/Llama-3.1-8B",engine="{engine}"'
+        rows += [
+            f"vllm:num_requests_running{{{labels}}} {running}.0",
+            f"vllm:num_requests_waiting{{{labels}}} {waiting}.0",
+            f"{kv_name}{{{labels}}} {kv}",
+            f"vllm:prompt_tokens_total{{{labels}}} {prompt}.0",
+            f'vllm:request_success_total{{{labels},finished_reason="stop"}} 2.0',
+            f'{latency_name}_bucket{{{labels},le="0.01"}} 1.0',
+            f'{latency_name}_bucket{{{labels},le="0.025"}} 3.0',
+            f'{latency_name}_bucket{{{labels},le="+Inf"}} 4.0',
+            f"{latency_name}_count{{{labels}}} 4.0",
+            f"{latency_name}_sum{{{labels}}} 0.07",
+        ]
+    types = {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+             kv_name: "gauge", "vllm:prompt_tokens": "counter", "vllm:request_success": "counter",
+             latency_name: "histogram"}  # fmt: skip
+    head = [f"# HELP {name} (vLLM's text)\n# TYPE {name} {kind}" for name, kind in types.items()]
+    by_family = {name: [r for r in rows if r.startswith(name)] for name in types}
+    return (
+        "\n".join(h + "\n" + "\n".join(by_family[n]) for h, n in zip(head, types, strict=True))
+        + "\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kv_name", "latency_name"),
+    [
+        ("vllm:kv_cache_usage_perc", "vllm:inter_token_latency_seconds"),  # vLLM 0.11 on
+        ("vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"),  # vLLM 0.8
+    ],
+)
+def test_parse_metrics_reads_a_vllm_servers_exposition(kv_name, latency_name):
+    sample = parse_metrics(vllm_exposition(kv_name, latency_name))
+    assert (sample.running, sample.waiting, sample.prompt_tokens) == (4, 1, 140)  # engines add up
+    assert sample.kv_cache_usage == pytest.approx(0.375)  # the engines' mean
+    assert sample.finished == {"stop": 4}
+    assert sample.tpot.count == 8 and sample.tpot.buckets == [(0.01, 2), (0.025, 6), (float("inf"), 8)]  # fmt: skip
+    assert sample.model_name == "meta-llama/Llama-3.1-8B"
 
 
 def test_top_command_does_not_load_textual_until_it_runs():
@@ -473,8 +529,62 @@ def test_top_command_does_not_load_textual_until_it_runs():
 
 def test_a_non_finite_metric_is_a_parse_error_not_a_crash():
     # A NaN counter would poison the rates and crash the sparkline while drawing.
-    line = 'vllm:prompt_tokens_total{model_name="m"} '
+    line = 'vllm:prompt_tokens_total{engine="0",model_name="m"} '
     text = canned_metrics(None).decode().replace(line + "100.0", line + "NaN")
     assert line + "NaN" in text
     with pytest.raises(ValueError, match="vllm:prompt_tokens_total is nan"):
         parse_metrics(text)
+
+
+# ---- data-parallel replicas ------------------------------------------------------------------
+def _seq(request_id: str, state: str) -> dict:
+    return {"request_id": request_id, "index": 0, "state": state, "prompt_tokens": 9,
+            "output_tokens": 3, "computed_tokens": 11, "num_blocks": 1, "age_s": 0.5}  # fmt: skip
+
+
+def _replica(engine: str, status: str, blocks: str, sequences: list[dict]) -> dict:
+    return {"engine": engine, "status": status, "restarts": int(engine), "outstanding": len(sequences),
+            "num_blocks": len(blocks), "blocks": blocks, "sequences": sequences, "pid": 100 + int(engine),
+            "node": "n", "error": None, "polled": 0.0}  # fmt: skip
+
+
+# The shape RayEngineClient.state() answers with (nanovllm/distributed/ray_client.py).
+DP_REPLICAS = [
+    _replica("0", "up", "uu.c....", [_seq("req-1-0", "running"), _seq("req-2-0", "waiting")]),
+    _replica("1", "restarting", "s.......", [_seq("req-3-0", "running")]),
+]
+CANNED_DP_STATE = json.dumps({
+    "object": "engine.state", "data_parallel_size": 2, "num_blocks": 16, "block_size": 16,
+    "max_num_seqs": 4, "blocks": "uu.c....s.......",
+    "sequences": [s for r in DP_REPLICAS for s in r["sequences"]], "replicas": DP_REPLICAS,
+    "router": {"outstanding": [2, 1], "recent_decisions": []},
+}).encode()  # fmt: skip
+
+
+def canned_dp_metrics() -> bytes:
+    used = [0.25, 0.75]
+    stats = [EngineStats(1, 0, 8, 8 - int(8 * u), 0, 0, 0, 0, 10, 5, 1, 3) for u in used]
+    return ServerMetrics("m", lambda: stats, num_engines=2).render()[0]
+
+
+@pytest.mark.asyncio
+async def test_replicas_are_shown_side_by_side_with_their_status_and_requests():
+    def fetch(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        return 200, canned_dp_metrics() if url.endswith(METRICS_PATH) else CANNED_DP_STATE
+
+    app = TopApp(Client("http://127.0.0.1:9", fetch=fetch), interval=3600)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.poll_count == 1)
+        assert app.figures.metrics.kv_cache_usage == 0.5  # the replicas' mean, not their sum
+        assert app.query_one("#kv").border_title == "KV cache · 2 replicas × 8 blocks × 16 tokens"
+        lines = app.query_one("#kv-map", BlockMap).render().plain.splitlines()
+        title, load, cells = lines[2:5]  # after the usage bar and the legend
+        right = title.index("engine 1 restarting")
+        assert title.startswith("engine 0 up") and right > len("engine 0 up")
+        assert load.startswith("1 run · 1 wait") and load[right:] == "1 run · 0 wait · 1 restarts"
+        assert cells.startswith("".join(BLOCK_GLYPHS[ch][0] for ch in "uu.c...."))
+        assert cells[right:] == "".join(BLOCK_GLYPHS[ch][0] for ch in "s.......")
+        table = app.query_one("#requests")
+        assert [table.get_row_at(i)[0] for i in range(table.row_count)] == [
+            "req-1-0 @0", "req-3-0 @1", "req-2-0 @0",
+        ]  # fmt: skip

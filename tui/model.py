@@ -1,7 +1,7 @@
 """What the dashboard shows, computed from polls: parsing, rates, percentiles. No Textual here.
 
 One poll brings the server's Prometheus text (`/metrics`) and its engine state JSON
-(`/v1/engine/state`). `parse_metrics` and `parse_state` turn them into records; a `Tracker`
+(`/v1/engine/state`; with data-parallel replicas, one block map and request list per replica). `parse_metrics` and `parse_state` turn them into records; a `Tracker`
 keeps the recent polls and derives `Figures`, the one object every widget renders:
 throughput from counter deltas between consecutive polls, TTFT/TPOT percentiles estimated
 from histogram buckets (Prometheus' `histogram_quantile`), cache and speculation ratios.
@@ -49,7 +49,8 @@ class SpecSample:
 
 @dataclass(slots=True)
 class MetricsSample:
-    """The vLLM metrics of one scrape, summed over model names (a server serves one)."""
+    """The vLLM metrics of one scrape, summed over model names (a server serves one) and
+    engines (data-parallel replicas), except the KV-cache usage, which is their mean."""
 
     running: float = 0.0
     waiting: float = 0.0
@@ -64,38 +65,54 @@ class MetricsSample:
     tpot: Histogram | None = None
     spec: SpecSample | None = None  # None unless the server speculates
     model_name: str | None = None  # the model_name label, when the server sets one
+    # Structured outputs (nanovllm's own counters; a vLLM server has none).
+    constrained_requests: float = 0.0
+    mask_seconds: float = 0.0
+    mask_rows: float = 0.0
 
 
 _SCALARS = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_cache_usage",
     "vllm:prompt_tokens_total": "prompt_tokens",
     "vllm:generation_tokens_total": "generation_tokens",
     "vllm:num_preemptions_total": "preemptions",
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "nanovllm:structured_output_requests_total": "constrained_requests",
+    "nanovllm:structured_output_mask_seconds_total": "mask_seconds",
+    "nanovllm:structured_output_mask_rows_total": "mask_rows",
 }
+# Per figure, the names vLLM versions used for it, preferred first: vLLM 0.9 renamed
+# gpu_cache_usage_perc (kept as a deprecated alias until 0.11), and per-token latency moved
+# from time_per_output_token_seconds to inter_token_latency_seconds.
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _HISTOGRAMS = {
-    "vllm:time_to_first_token_seconds": "ttft",
-    "vllm:time_per_output_token_seconds": "tpot",
+    "ttft": ("vllm:time_to_first_token_seconds",),
+    "tpot": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
 }
 _SPEC = "vllm:spec_decode_num_"
 
 
 def parse_metrics(text: str) -> MetricsSample:
-    """Read the vLLM metrics out of Prometheus text; metrics that are absent stay 0 / None."""
+    """Read the vLLM metrics out of Prometheus text; metrics that are absent stay 0 / None.
+    Series of several engines (vLLM's `engine` label, data parallelism) add up; the KV cache's
+    usage is their mean."""
     sample, spec = MetricsSample(), {}
     per_pos: dict[int, float] = {}
+    histograms: dict[str, Histogram] = {}
+    usage: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name in _HISTOGRAMS:
-            setattr(sample, _HISTOGRAMS[family.name], _histogram(family.samples))
+        if any(family.name in names for names in _HISTOGRAMS.values()):
+            histograms[family.name] = _histogram(family.samples)
             continue
         for s in family.samples:
             sample.model_name = sample.model_name or s.labels.get("model_name")
             if s.name.startswith("vllm:") and not math.isfinite(s.value):
                 raise ValueError(f"{s.name} is {s.value}")
-            if s.name in _SCALARS:
+            if s.name in _KV_USAGE:
+                usage.setdefault(s.name, []).append(s.value)
+            elif s.name in _SCALARS:
                 attr = _SCALARS[s.name]
                 setattr(sample, attr, getattr(sample, attr) + s.value)
             elif s.name == "vllm:request_success_total":
@@ -107,6 +124,10 @@ def parse_metrics(text: str) -> MetricsSample:
             elif s.name.startswith(_SPEC) and s.name.endswith("_total"):
                 key = s.name[len(_SPEC) : -len("_total")]
                 spec[key] = spec.get(key, 0.0) + s.value
+    for attr, names in _HISTOGRAMS.items():
+        setattr(sample, attr, next((histograms[n] for n in names if n in histograms), None))
+    values = next((usage[name] for name in _KV_USAGE if name in usage), [])
+    sample.kv_cache_usage = sum(values) / len(values) if values else 0.0
     if spec:
         positions = range(max(per_pos) + 1) if per_pos else range(0)
         sample.spec = SpecSample(
@@ -154,6 +175,20 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
 
 # ---- /v1/engine/state ----------------------------------------------------------------------
 @dataclass(slots=True)
+class ReplicaView:
+    """One data-parallel replica as the router sees it."""
+
+    engine: str  # the `engine` label of its metrics
+    status: str  # "up", "restarting" or "failed"
+    restarts: int
+    outstanding: int  # sequences the router has in flight on it
+    blocks: str
+    sequences: list[SequenceView]
+    pid: int | None = None
+    node: str | None = None
+
+
+@dataclass(slots=True)
 class EngineState:
     """The server's live sequences and the state of each KV block, one character per block."""
 
@@ -161,6 +196,8 @@ class EngineState:
     block_size: int
     max_num_seqs: int
     sequences: list[SequenceView]
+    replicas: list[ReplicaView] = field(default_factory=list)  # data parallel: side by side
+    engine_of: dict[str, str] = field(default_factory=dict)  # request id -> replica's label
 
     @property
     def num_blocks(self) -> int:
@@ -194,26 +231,38 @@ class EngineState:
 def parse_state(obj: object) -> EngineState:
     """The JSON of /v1/engine/state; ValueError if it does not have that shape."""
     try:
+        replicas = [_replica(r) for r in obj.get("replicas", [])]
         return EngineState(
             blocks=str(obj["blocks"]),
             block_size=int(obj["block_size"]),
             max_num_seqs=int(obj["max_num_seqs"]),
-            sequences=[
-                SequenceView(
-                    str(s["request_id"]),
-                    int(s["index"]),
-                    str(s["state"]),
-                    int(s["prompt_tokens"]),
-                    int(s["output_tokens"]),
-                    int(s["computed_tokens"]),
-                    int(s["num_blocks"]),
-                    float(s["age_s"]),
-                )  # fmt: skip
-                for s in obj["sequences"]
-            ],
+            sequences=[_sequence(s) for s in obj["sequences"]],
+            replicas=replicas,
+            engine_of={s.request_id: r.engine for r in replicas for s in r.sequences},
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"unexpected engine state JSON: {e!r}") from e
+
+
+def _sequence(s: dict) -> SequenceView:
+    return SequenceView(
+        str(s["request_id"]), int(s["index"]), str(s["state"]), int(s["prompt_tokens"]),
+        int(s["output_tokens"]), int(s["computed_tokens"]), int(s["num_blocks"]),
+        float(s["age_s"]),
+    )  # fmt: skip
+
+
+def _replica(r: dict) -> ReplicaView:
+    return ReplicaView(
+        engine=str(r["engine"]),
+        status=str(r["status"]),
+        restarts=int(r["restarts"]),
+        outstanding=int(r["outstanding"]),
+        blocks=str(r.get("blocks", "")),
+        sequences=[_sequence(s) for s in r["sequences"]],
+        pid=r.get("pid"),
+        node=r.get("node"),
+    )
 
 
 # ---- derived figures -----------------------------------------------------------------------
@@ -250,6 +299,7 @@ class Figures:
     tpot_all: Percentiles | None
     prefix_cache_hit_rate: float | None  # since the server started
     spec: SpecFigures | None
+    mask_ms_per_row: float | None = None  # host time per masked row, since the server started
 
     @property
     def num_finished(self) -> float:
@@ -301,6 +351,7 @@ class Tracker:
             tpot_all=_window(metrics.tpot, None),
             prefix_cache_hit_rate=_ratio(metrics.prefix_cache_hits, metrics.prefix_cache_queries),
             spec=_spec_figures(metrics.spec),
+            mask_ms_per_row=_ratio(1000 * metrics.mask_seconds, metrics.mask_rows),
         )
 
     def _recent_base(self, t: float) -> MetricsSample:

@@ -16,7 +16,15 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Static
 
-from nanovllm.tui.model import HISTORY_S, QUANTILES, RECENT_S, EngineState, Figures, Percentiles
+from nanovllm.tui.model import (
+    HISTORY_S,
+    QUANTILES,
+    RECENT_S,
+    EngineState,
+    Figures,
+    Percentiles,
+    ReplicaView,
+)
 
 # One glyph and colour per block state; the glyphs differ so the map reads without colour too.
 BLOCK_GLYPHS = {"u": ("█", "green"), "s": ("▓", "magenta"), "c": ("▒", "yellow"), ".": ("·", "grey42")}  # fmt: skip
@@ -65,6 +73,9 @@ def kv_title(figures: Figures) -> str:
     engine = figures.engine
     if engine is None:
         return "KV cache"
+    if engine.replicas:
+        each = engine.num_blocks // len(engine.replicas)
+        return f"KV cache · {len(engine.replicas)} replicas × {each} blocks × {engine.block_size} tokens"  # fmt: skip
     return f"KV cache · {engine.num_blocks} blocks × {engine.block_size} tokens"
 
 
@@ -110,6 +121,40 @@ def block_map(blocks: str, width: int, rows: int) -> tuple[Text, int]:
     return text, per_cell
 
 
+def replica_header(replica: ReplicaView) -> list[Text]:
+    """Two lines over a replica's map: its label and status, then its load."""
+    running = sum(1 for seq in replica.sequences if seq.state == "running")
+    style = {"up": "bold green", "restarting": "bold yellow"}.get(replica.status, "bold red")
+    title = Text.assemble((f"engine {replica.engine} ", "bold"), (replica.status, style))
+    load = Text(f"{running} run · {len(replica.sequences) - running} wait", style="dim")
+    if replica.restarts:
+        load.append(f" · {replica.restarts} restarts", style="yellow")
+    return [title, load]
+
+
+def replica_maps(replicas: list[ReplicaView], width: int, rows: int) -> tuple[Text, int]:
+    """Each replica's header and block map in its own column, side by side; and how many
+    blocks a cell stands for (the same in every column)."""
+    gap = 2
+    column = max((width - gap * (len(replicas) - 1)) // len(replicas), 1)
+    per_cell = max(math.ceil(len(r.blocks) / (column * max(rows - 2, 1))) for r in replicas)
+    columns = []
+    for replica in replicas:
+        cells, _ = block_map(replica.blocks, column, math.ceil(len(replica.blocks) / per_cell / column))  # fmt: skip
+        header = [line[:column] for line in replica_header(replica)]
+        columns.append([*header, *cells.split("\n")])
+    text = Text()
+    for line in range(max(len(c) for c in columns)):
+        if line:
+            text.append("\n")
+        for i, lines in enumerate(columns):
+            part = lines[line] if line < len(lines) else Text()
+            text.append_text(part)
+            if i < len(columns) - 1:
+                text.append(" " * (column - part.cell_len + gap))
+    return text, per_cell
+
+
 def throughput_line(label: str, rate: float | None) -> Text:
     return Text.assemble((f"{label:<11}", "bold"), format_rate(rate))
 
@@ -144,8 +189,20 @@ def counters_text(figures: Figures) -> Text:
     text.append(f" ({reasons})" if reasons else "", style="dim")
     text.append(f"  preemptions {format_count(metrics.preemptions)}\n")
     text.append(f"prefix-cache hit rate {format_percent(figures.prefix_cache_hit_rate)}\n")
+    text.append_text(structured_text(figures))
     text.append_text(spec_text(figures))
     return text
+
+
+def structured_text(figures: Figures) -> Text:
+    """Constrained requests and the host time their token masks cost, per masked row."""
+    metrics = figures.metrics
+    per_row = figures.mask_ms_per_row
+    cost = "-" if per_row is None else f"{per_row:.3f} ms/row"
+    return Text(
+        f"structured {format_count(metrics.constrained_requests)} reqs  masks {cost} "
+        f"({format_count(metrics.mask_rows)} rows)\n"
+    )
 
 
 def spec_text(figures: Figures) -> Text:
@@ -176,9 +233,11 @@ def request_rows(engine: EngineState | None) -> list[tuple[str, ...]]:
     """The table rows: running sequences (the batch) first, then the waiting queue in order."""
     if engine is None:
         return []
+    engine_of = engine.engine_of
     return [
         (
-            seq.request_id,
+            seq.request_id
+            + (f" @{engine_of[seq.request_id]}" if seq.request_id in engine_of else ""),
             str(seq.index),
             seq.state,
             str(seq.prompt_tokens),
@@ -213,8 +272,13 @@ class BlockMap(Widget):
         width, height = self.size.width, self.size.height
         if self.engine is None or width <= 0:
             return Text()
-        # Line 1 the bar, line 2 the legend, then the map in the rows that are left.
-        cells, self.blocks_per_cell = block_map(self.engine.blocks, width, max(height - 2, 1))
+        # Line 1 the bar, line 2 the legend, then the map in the rows that are left: with
+        # data-parallel replicas, one column per replica.
+        rows = max(height - 2, 1)
+        if self.engine.replicas:
+            cells, self.blocks_per_cell = replica_maps(self.engine.replicas, width, rows)
+        else:
+            cells, self.blocks_per_cell = block_map(self.engine.blocks, width, rows)
         text = usage_bar(self.engine, width)
         text.append("\n")
         text.append_text(block_legend(self.blocks_per_cell))
@@ -244,11 +308,14 @@ HELP = f"""\
       interpolation, as Prometheus' histogram_quantile):
       "1m" = requests finished in the last {RECENT_S:g} s (or since the
       dashboard started), "all" = since the server started
-  prefix-cache hit rate, preemptions, speculation: since the server started;
-      mean acceptance length = 1 + accepted / drafts
+  prefix-cache hit rate, preemptions, speculation, structured outputs: since
+      the server started; mean acceptance length = 1 + accepted / drafts;
+      masks = host time computing token masks per masked logits row
 
 [b]KV blocks[/b]  █ used  ▓ shared by several sequences
-  ▒ free but holding a cached prefix  · free"""
+  ▒ free but holding a cached prefix  · free
+  data-parallel replicas: one map per replica, side by side; a request's
+  replica follows its id in the table (req-7-0 @1)"""
 
 
 class HelpScreen(ModalScreen[None]):

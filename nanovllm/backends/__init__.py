@@ -7,6 +7,7 @@ import numpy as np
 
 from nanovllm.backends.base import Backend
 from nanovllm.errors import NanovllmError
+from nanovllm.extras import require_cuda_extra
 
 
 def cuda_available() -> bool:
@@ -27,10 +28,15 @@ def resolve_device(device: str) -> str:
 
 
 def get_backend(
-    device: str = "auto", dtype: str = "auto", num_threads: int | None = None
+    device: str = "auto",
+    dtype: str = "auto",
+    num_threads: int | None = None,
+    quantization: str = "auto",
 ) -> Backend:
     """The backend for a device. num_threads: CPU threads of the compiled kernels and of BLAS
-    (None: the default of nanovllm/backends/cpu.py); ignored on a GPU."""
+    (None: the default of nanovllm/backends/cpu.py); ignored on a GPU. quantization "auto"
+    keeps quantized weights (GGUF blocks) in their stored form where the backend has kernels
+    for them, "none" dequantizes every weight at load (the reference backend always does)."""
     device = resolve_device(device)
     if device in ("cpu", "cpu-reference"):
         if dtype not in ("auto", "float32"):
@@ -40,12 +46,14 @@ def get_backend(
         if device == "cpu":
             from nanovllm.backends.cpu import CPUBackend
 
-            return CPUBackend(num_threads)
+            return CPUBackend(num_threads, quantization)
         from nanovllm.backends.cpu_reference import ReferenceBackend
 
         return ReferenceBackend(np.float32)
     if device in ("cuda", "cuda-emulated"):
         from nanovllm.backends.cuda import CUDABackend
 
-        return CUDABackend(dtype, emulated=device == "cuda-emulated")
+        require_cuda_extra(f"--device {device}")
+
+        return CUDABackend(dtype, emulated=device == "cuda-emulated", quantization=quantization)
     raise NanovllmError(f"unknown device {device!r}; use cpu, cpu-reference, cuda or cuda-emulated")

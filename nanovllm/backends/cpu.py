@@ -20,7 +20,7 @@ from nanovllm.backends import cpu_ops
 from nanovllm.backends.base import AttentionMetadata
 from nanovllm.backends.cpu_jit import ThreadControl
 from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format
-from nanovllm.backends.cpu_reference import ReferenceBackend, prefill_attention
+from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_attention
 from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
 
 MAX_KERNEL_ROWS = 24  # batch rows up to which the kernel beats dequantize + BLAS (measured)
@@ -56,14 +56,18 @@ class CPUWeight:
 class CPUBackend(ReferenceBackend):
     name = "cpu"
 
-    def __init__(self, num_threads: int | None = None) -> None:
+    def __init__(self, num_threads: int | None = None, quantization: str = "auto") -> None:
         super().__init__(np.float32)
         self.threads = ThreadControl(num_threads)
+        self.dequantize_at_load = quantization == "none"  # float32 rows, as cpu-reference has
         self._tile: np.ndarray | None = None
 
     # ---- weights -----------------------------------------------------------------------------
     def weight(self, tensor: np.ndarray | Weight) -> CPUWeight:
         parts = tensor.parts if isinstance(tensor, FusedWeight) else (tensor,)
+        if self.dequantize_at_load:
+            parts = tuple(np.asarray(part, np.float32) if isinstance(part, np.ndarray)
+                          else part.dequantize() for part in parts)  # fmt: skip
         matrices = tuple(_matrix(part) for part in parts)
         columns = tuple(np.cumsum([0] + [m.shape[0] for m in matrices[:-1]]).tolist())
         rows = sum(m.shape[0] for m in matrices)
@@ -125,7 +129,9 @@ class CPUBackend(ReferenceBackend):
         slots = np.asarray(slot_mapping, dtype=np.int64)
         cpu_ops.write_kv(k_cache, v_cache, k, v, slots)
 
-    def paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def paged_attention(
+        self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window=0, soft_cap=0.0
+    ):
         """Decodes and short query runs (speculative verification) through the kernel, which
         reads K/V in place; long prefill runs through the reference's BLAS matmuls, which beat
         the kernel's per-query dot products there (docs/benchmarks.md)."""
@@ -141,11 +147,12 @@ class CPUBackend(ReferenceBackend):
                 np.asarray(meta.block_tables_host, dtype=np.int32),
                 np.asarray(starts, dtype=np.int32),
                 np.asarray(meta.context_lens_host, dtype=np.int32),
-                np.float32(scale), rows,
+                np.float32(scale), int(window), np.float32(soft_cap), rows,
             )  # fmt: skip
+        scores = Scores(scale, window, soft_cap)
         for b in long:
             rows = slice(starts[b], starts[b + 1])
-            out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scale)
+            out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scores)
         return out
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -20,12 +20,16 @@ F32 = np.float32
 
 
 @kernel(parallel=True)
-def paged_attention(out, q, k_cache, v_cache, block_tables, query_start, context_lens, scale, rows):
+def paged_attention(
+    out, q, k_cache, v_cache, block_tables, query_start, context_lens, scale, window, soft_cap, rows
+):
     """Causal attention of the query tokens `rows` (flat-batch rows) over their sequences' cached
     context; one work item per (token, query head). Token i of a sequence with Q new tokens and
-    C cached ones (this step's included) sits at position C - Q + i and sees positions
-    0..C - Q + i. Scores go to a buffer, then a softmax, then the weighted sum of values: K and V
-    are read from their blocks in place, never gathered."""
+    C cached ones (this step's included) sits at position p = C - Q + i and sees positions
+    0..p, or only p - window + 1..p when window > 0 (blocks below it may be released: never
+    read). Scores are scaled, then soft-capped (cap * tanh(s / cap)) when soft_cap > 0, go to a
+    buffer, then a softmax, then the weighted sum of values: K and V are read from their blocks
+    in place, never gathered."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -35,28 +39,31 @@ def paged_attention(out, q, k_cache, v_cache, block_tables, query_start, context
         seq = np.searchsorted(query_start, t, side="right") - 1
         query_len = query_start[seq + 1] - query_start[seq]
         length = context_lens[seq] - query_len + (t - query_start[seq]) + 1
+        first = max(length - window, 0) if window > 0 else 0
         query = q[t, head]
-        scores = np.empty(length, F32)
+        scores = np.empty(length - first, F32)
         best = F32(-np.inf)
-        for pos in range(length):
+        for pos in range(first, length):
             block = block_tables[seq, pos // block_size]
             key = k_cache[block, pos % block_size, kv_head]
             s = F32(0)
             for d in range(head_dim):
                 s += query[d] * key[d]
             s *= scale
-            scores[pos] = s
+            if soft_cap > 0:
+                s = F32(math.tanh(s / soft_cap)) * soft_cap
+            scores[pos - first] = s
             best = max(best, s)
         total = F32(0)
-        for pos in range(length):
-            p = math.exp(scores[pos] - best)
-            scores[pos] = p
+        for i in range(length - first):
+            p = math.exp(scores[i] - best)
+            scores[i] = p
             total += p
         acc = np.zeros(head_dim, F32)
-        for pos in range(length):
+        for pos in range(first, length):
             block = block_tables[seq, pos // block_size]
             value = v_cache[block, pos % block_size, kv_head]
-            p = scores[pos]
+            p = scores[pos - first]
             for d in range(head_dim):
                 acc[d] += p * value[d]
         for d in range(head_dim):

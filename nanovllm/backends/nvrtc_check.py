@@ -8,6 +8,7 @@ spill traffic in the program log, which this module parses.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -64,8 +65,11 @@ def _nvrtc():
     return nvrtc
 
 
+@functools.cache
 def compile_family(family: str, arch: str) -> BuildResult:
-    """Compile kernels/<family>.cu to a cubin for `arch` (e.g. "sm_90") and parse the log."""
+    """Compile kernels/<family>.cu to a cubin for `arch` (e.g. "sm_90") and parse the log.
+    Cached for the life of the process (the sources are fixed once loaded): `nanovllm check`
+    and the tests ask for the same builds, and matmul.cu alone takes NVRTC ~8 s per arch."""
     nvrtc = _nvrtc()
     options = [*nvrtc_options(arch), "--ptxas-options=-v"]
     start = time.perf_counter()

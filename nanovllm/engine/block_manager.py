@@ -5,6 +5,11 @@ A hit is verified, not trusted: the block must hold the same ids and descend fro
 parent *content* (a serial number that changes whenever a block is re-filled), so even a
 hash collision can never hand one prompt another prompt's blocks. Freed blocks keep their
 hash and stay reusable until the pool needs them, least recently freed first.
+
+With sliding-window attention on every layer, a block wholly before the window of a sequence's
+next query is never read again (the attention op guarantees it): `release_before` returns it to
+the pool and leaves a hole (HOLE) in the table, so a long sequence holds only its window's
+blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from nanovllm.engine.sequence import Sequence
+
+HOLE = -1  # a block-table entry whose block went back to the pool (outside every window)
 
 
 def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
@@ -110,9 +117,26 @@ class BlockManager:
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks are freed first so that they are evicted first: prefixes live longest.
         for block_id in reversed(seq.block_table):
-            self._release(block_id)
+            if block_id != HOLE:
+                self._release(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
+        seq.num_released_blocks = 0
+
+    def release_before(self, seq: Sequence, position: int) -> None:
+        """Return the blocks that lie wholly before `position` (no query will read them again).
+        A block is kept until the next one is registered in the prefix cache, which needs its
+        content serial as the parent's."""
+        dead = position // self.block_size
+        if self.enable_prefix_caching:
+            dead = min(dead, len(seq.block_hashes) - 1)
+        for i in range(seq.num_released_blocks, max(dead, 0)):
+            self._release(seq.block_table[i])
+            seq.block_table[i] = HOLE
+        seq.num_released_blocks = max(seq.num_released_blocks, dead)
+
+    def held_blocks(self, seq: Sequence) -> int:
+        return len(seq.block_table) - seq.num_released_blocks
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Return the blocks beyond the first num_tokens tokens (rejected speculative slots)."""

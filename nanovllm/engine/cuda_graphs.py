@@ -10,16 +10,18 @@ context length 1 and block table row of zeros (paged attention reads key 0 of bl
 always exists), token 0 at position 0; their logits are computed and dropped.
 
 What runs where:
-- On the GPU and on the emulated device alike (tested without a GPU): bucket choice, the static
-  buffers and their padding, the padded forward that a graph holds, the check of each bucket's
-  first replay against an eager step of the same inputs, and the fall-back to eager decoding
-  for good when they differ. On the emulated device the padded forward simply runs eagerly at
-  each step where a GPU would replay it.
-- Only on a GPU, never run where this was written (no GPU there): `CapturedGraphs` — capture
-  into a private memory pool, replay — plus pinned host buffers and asynchronous uploads. Those
-  few CuPy calls sit in `CapturedGraphs`, `_host_empty` and `DecodeGraphRunner._upload`; the
-  engine's start-up on a GPU captures and then runs `self_check`, which compares a replay of
-  every bucket with the eager step before any request is served.
+- On the GPU and on the emulated device alike: bucket choice, the static buffers and their
+  padding, the padded forward that a graph holds, the check of each bucket's first replay
+  against an eager step of the same inputs, and the fall-back to eager decoding for good when
+  they differ. With plain NumPy as the emulated device's arrays the padded forward runs eagerly
+  at each step where a GPU would replay it.
+- Where the backend's array module is CuPy (`backend.captures_graphs`): `CapturedGraphs` —
+  capture into a private memory pool, replay — and asynchronous uploads on the current stream.
+  The tests run this path on the emulated device against a stand-in for CuPy that enforces
+  its capture rules and replays what was captured (tests/_fake_cupy.py); only pinned host
+  buffers (`_host_empty`) are GPU-only. The engine's start-up captures and then runs
+  `self_check`, which compares a replay of every bucket with the eager step before any request
+  is served.
 
 Host-device synchronization: a replayed step adds none. The uploads are asynchronous copies from
 pinned memory on the current stream, the graph is launched on that stream, and the logits stay
@@ -30,20 +32,20 @@ Each bucket's first replay is the exception: comparing it with the eager step sy
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nanovllm.backends.base import Array, AttentionMetadata
+from nanovllm.backends.base import Array, AttentionInputs, AttentionMetadata, slot_of
+from nanovllm.engine.batch import ForwardItem
+from nanovllm.engine.graph_capture import CapturedGraphs
 
 if TYPE_CHECKING:
     from nanovllm.backends.cuda import CUDABackend
-    from nanovllm.engine.model_runner import ForwardItem
     from nanovllm.models.llama import KVCache, LlamaForCausalLM
 
 logger = logging.getLogger("nanovllm.engine")
@@ -104,6 +106,15 @@ class DecodeBuffers:
     def map(self, fn: Callable[[Array], Array]) -> DecodeBuffers:
         return DecodeBuffers(*(fn(getattr(self, f.name)) for f in fields(self)))
 
+    def attention(self, rows: int) -> AttentionInputs:
+        """The attention inputs of the first `rows` rows."""
+        return AttentionInputs(
+            self.slot_mapping[:rows],
+            self.block_tables[:rows],
+            self.query_start[: rows + 1],
+            self.context_lens[:rows],
+        )
+
 
 class DecodeGraphRunner:
     """Decode-only steps through padded, per-bucket static buffers: CUDA graphs on a GPU, the
@@ -136,7 +147,7 @@ class DecodeGraphRunner:
         self.bucket_steps: Counter[int] = Counter()  # decode steps run per bucket
         self._checked: set[int] = set()  # buckets whose first replay was compared
         self._uploaded = None  # GPU: event after the last uploads, guarding the pinned buffers
-        if not backend.emulated:
+        if backend.captures_graphs:
             self.capture()
 
     # ---- the step ----------------------------------------------------------------------------
@@ -174,7 +185,7 @@ class DecodeGraphRunner:
         for i, (token, position, table) in enumerate(rows):
             host.input_ids[i] = token
             host.positions[i] = position
-            host.slot_mapping[i] = table[position // size] * size + position % size
+            host.slot_mapping[i] = slot_of(table, position, size)
             host.context_lens[i] = position + 1
             host.block_tables[i, : len(table)] = table
 
@@ -189,36 +200,29 @@ class DecodeGraphRunner:
         """The first `bucket` rows of the host buffers to the device (query_start never changes)."""
         names = ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables")
         pairs = [(getattr(self.device, n)[:bucket], getattr(self.host, n)[:bucket]) for n in names]
-        if self.backend.emulated:
+        if not self.backend.captures_graphs:  # NumPy arrays: a plain copy
             for device, host in pairs:
                 device[...] = host
             return
-        import cupy  # GPU only from here: asynchronous copies from pinned memory
-
-        stream = cupy.cuda.get_current_stream()
+        # Asynchronous copies on the current stream (from pinned memory on a GPU), ordered
+        # before the graph launched after them; the event guards the host buffers.
+        stream = self.backend.xp.cuda.get_current_stream()
         for device, host in pairs:
             device.set(host, stream)
         self._uploaded = stream.record()
 
     def _forward(self, bucket: int) -> Array:
         """The padded step on the static device buffers, into the shared logits buffer: what a
-        graph holds."""
+        graph holds (its matmuls on our kernels, captured or not)."""
         out = self.logits_out[:bucket]
-        out[...] = self._step(self.device, bucket)
+        with self.backend.decode_matmuls():
+            out[...] = self._step(self.device, bucket)
         return out
 
     def _step(self, bufs: DecodeBuffers, rows: int) -> Array:
-        host = self.host  # launch geometry: one query per row, `rows` sequences
-        meta = AttentionMetadata(
-            slot_mapping=bufs.slot_mapping[:rows],
-            block_tables=bufs.block_tables[:rows],
-            query_start=bufs.query_start[: rows + 1],
-            context_lens=bufs.context_lens[:rows],
-            block_size=self.block_size,
-            query_start_host=host.query_start[: rows + 1],
-            context_lens_host=host.context_lens[:rows],
-            block_tables_host=host.block_tables[:rows],
-        )
+        meta = AttentionMetadata.build(
+            self.host.attention(rows), self.block_size, device=bufs.attention(rows)
+        )  # launch geometry from the host copy: one query per row, `rows` sequences
         hidden = self.model.forward(
             bufs.input_ids[:rows], bufs.positions[:rows], meta, self.kv_caches
         )
@@ -264,74 +268,16 @@ class DecodeGraphRunner:
             self.graphs.release()
             self.graphs = None
 
-    # ---- GPU only ----------------------------------------------------------------------------
+    # ---- CuPy only (a GPU, or the stand-in of the tests) ---------------------------------------
     def capture(self) -> None:
         """Capture every bucket's graph, then check each first replay (GPU start-up)."""
-        import cupy
-
         try:
-            self.graphs = CapturedGraphs(cupy, self._forward, self.buckets)
+            self.graphs = CapturedGraphs(self.backend.xp, self._forward, self.buckets)
         except Exception as exc:  # a capture that fails must not stop the engine: run eagerly
             self.fall_back(f"capturing failed: {type(exc).__name__}: {exc}")
             return
         if self.self_check():
             logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
-
-
-class CapturedGraphs:
-    """GPU only (never run where it was written: no GPU there). One CUDA graph per bucket,
-    captured largest first into one private memory pool.
-
-    The pool is why this class exists: the arrays a graph allocates while it is captured are the
-    addresses every replay writes. Were they returned to CuPy's shared pool, later eager work
-    would be handed the same memory and the next replay would overwrite it. So capture runs
-    under `using_allocator(pool.malloc)`, and the pool lives as long as the graphs. The graphs
-    share it safely: they never run at once (one engine thread, one stream), and the only array
-    that outlives a replay is the runner's logits buffer, shared by every bucket.
-
-    Capture happens on a side stream (the legacy default stream cannot be captured) after one
-    eager warm-up run of the same step on it: that compiles every kernel (and lets cuBLAS set up
-    its workspace) and fills the pool with blocks of the right sizes, so capture compiles nothing
-    and rarely mallocs (cudaMalloc is allowed in the relaxed mode CuPy captures in; a sync or a
-    pageable host copy is not, and would make capture raise). Replays launch on the
-    current stream, so they are ordered after the eager work before them (prefill writes to the
-    KV cache) and before the sampler after them without any event.
-    """
-
-    def __init__(self, cupy: Any, forward: Callable[[int], Array], buckets: list[int]) -> None:
-        self.cupy = cupy
-        self.pool = cupy.cuda.MemoryPool()
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.graphs: dict[int, Any] = {}
-        self.logits: dict[int, Array] = {}
-        # The side stream does not wait for the null stream: let the buffers' uploads land.
-        cupy.cuda.runtime.deviceSynchronize()
-        for bucket in sorted(buckets, reverse=True):  # smaller graphs reuse the largest's blocks
-            self.graphs[bucket], self.logits[bucket] = self._capture(forward, bucket)
-
-    def _capture(self, forward: Callable[[int], Array], bucket: int) -> tuple[Any, Array]:
-        with self.cupy.cuda.using_allocator(self.pool.malloc), self.stream:
-            forward(bucket)  # warm-up, see the class docstring
-            self.stream.synchronize()
-            self.stream.begin_capture()
-            try:
-                logits = forward(bucket)
-            except BaseException:
-                # Leave capture mode, but report what broke the capture, not that it ended.
-                with contextlib.suppress(Exception):
-                    self.stream.end_capture()
-                raise
-            graph = self.stream.end_capture()
-        return graph, logits
-
-    def replay(self, bucket: int) -> Array:
-        self.graphs[bucket].launch(stream=self.cupy.cuda.get_current_stream())
-        return self.logits[bucket]
-
-    def release(self) -> None:
-        self.graphs.clear()
-        self.logits.clear()
-        self.pool.free_all_blocks()
 
 
 def _host_empty(backend: CUDABackend) -> Callable:

@@ -42,6 +42,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
+        self.stop_strings = StopStrings(self.stop)
         self.include_stop_str_in_output = include_stop_str_in_output
         self.matched_stop: str | None = None
         # A stop string may begin in text already seen: keep that much back from streaming.
@@ -107,12 +108,13 @@ class IncrementalDetokenizer:
     def _emit(self, new_text: str, check_stop: bool = True) -> None:
         if not new_text:
             return
+        if not self.stop or not check_stop:
+            self.buffer.append(new_text)
+            return
         start = max(self.buffer.length - self.holdback, 0)
         searched = self.buffer.since(start) + new_text
         self.buffer.append(new_text)
-        if not check_stop:
-            return
-        match = first_stop(searched, len(searched) - len(new_text), self.stop)
+        match = self.stop_strings.first(searched, len(searched) - len(new_text))
         if match is not None:
             index, self.matched_stop = match
             if self.include_stop_str_in_output:
@@ -120,19 +122,26 @@ class IncrementalDetokenizer:
             self.buffer.truncate(start + index)
 
 
-def first_stop(text: str, new_from: int, stop: Sequence[str]) -> tuple[int, str] | None:
-    """The stop string that ends first in text[new_from:] (the longest on a tie) and its index.
+class StopStrings:
+    """Finds the stop string that a piece of new text completes, looking only at the characters
+    that could end one: the strings are grouped by their last character, so a new character
+    costs as many comparisons as there are stop strings ending in it, however long the text."""
 
-    Ending first is what a reader going character by character would hit, so the result does
-    not depend on how the text was split into tokens.
-    """
-    best = None  # (end, index, stop string)
-    for s in stop:
-        index = text.find(s, max(new_from - len(s) + 1, 0))
-        if index >= 0:
-            candidate = (index + len(s), index, s)
-            best = candidate if best is None else min(best, candidate)
-    return None if best is None else (best[1], best[2])
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.by_last: dict[str, list[str]] = {}
+        for s in sorted(set(stop), key=len, reverse=True):  # longest first: it wins a tie
+            self.by_last.setdefault(s[-1], []).append(s)
+
+    def first(self, text: str, new_from: int) -> tuple[int, str] | None:
+        """The stop string that ends first in text[new_from:] and its index in text.
+
+        Ending first is what a reader going character by character would hit, so the result does
+        not depend on how the text was split into tokens."""
+        for end in range(new_from + 1, len(text) + 1):
+            for s in self.by_last.get(text[end - 1], ()):
+                if text.startswith(s, end - len(s)) and end >= len(s):
+                    return end - len(s), s
+        return None
 
 
 class _TextBuffer:

@@ -1,142 +1,74 @@
-"""LLMEngine: add requests, step the scheduler and the model, turn tokens into outputs.
+"""LLMEngine: take requests, step the parts, hand back outputs.
 
 One engine is single-threaded: the offline `LLM` calls `step()` in a loop, the server calls it
-from one background thread. Each step schedules a mixed batch, runs it, appends the sampled
-tokens, detokenizes them incrementally, applies every stop rule and frees finished sequences.
+from one background thread. A step is the step contract (nanovllm/engine/step.py):
+
+    structured.resolve()            # sequences whose grammar compiled may now be scheduled
+    scheduled = scheduler.schedule()
+    result = runner.execute(scheduled)
+    touched = processor.process(scheduled, result)
+    scheduler.update(scheduled, result)
+
+The engine is built from ready parts by nanovllm/engine/assembly.py (`build_engine`).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from nanovllm.backends import get_backend
-from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ForwardItem, ModelRunner
-from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import Request, Sequence
-from nanovllm.engine.spec_decode import SpecDecoder
-from nanovllm.engine.stats import EngineSnapshot, EngineStats, SequenceView
-from nanovllm.errors import NanovllmError
-from nanovllm.models.loader import build_model, load_checkpoint
-from nanovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from nanovllm.sampling_params import RequestOutputKind, SamplingParams
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.output_processor import OutputProcessor
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Request, Sequence, sequence_generator
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats, SequenceView
+from nanovllm.engine.structured_outputs import StructuredOutputs
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What the engine's front ends need to know about the model it serves."""
+
+    model_config: object  # nanovllm.models.model_config.ModelConfig
+    tokenizer: object  # nanovllm.models.tokenizer.Tokenizer
+    generation_config: dict
+    eos_token_ids: list[int]
+    max_model_len: int
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        config,
+        info: ModelInfo,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        processor: OutputProcessor,
+        structured: StructuredOutputs | None = None,
+    ) -> None:
         self.config = config
-        checkpoint = load_checkpoint(config.model, config.tokenizer)
-        self.model_config = checkpoint.config
-        self.tokenizer = checkpoint.tokenizer
-        self.generation_config = checkpoint.generation_config
-        self.eos_token_ids = self._eos_ids(checkpoint)
-        backend = get_backend(config.device, config.dtype)
-        model = build_model(checkpoint, backend, self._length_limit(config, checkpoint.config))
-        if backend.name == "cuda":
-            from nanovllm.check import startup_self_check
-
-            startup_self_check(backend, head_dim=checkpoint.config.head_dim)
-        config.num_blocks = self._num_blocks(config, checkpoint.config, backend)
-        capacity = config.num_blocks * config.block_size
-        if config.max_model_len is not None and config.max_model_len > capacity:
-            raise NanovllmError(
-                f"max_model_len {config.max_model_len} exceeds the KV cache capacity of {capacity} "
-                f"tokens (num_blocks {config.num_blocks} x block_size {config.block_size}); "
-                f"raise --num-blocks or lower --max-model-len"
-            )
-        # Without an explicit max_model_len, a lone sequence must still fit in the cache.
-        self.max_model_len = min(self._length_limit(config, checkpoint.config), capacity)
-        self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.runner = ModelRunner(
-            model, backend, config.num_blocks, config.block_size, self.eos_token_ids, config.seed
-        )
-        if backend.name in ("cuda", "cuda-emulated") and not config.enforce_eager:
-            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
-        self.spec = self._speculator(config, backend)
-        lookahead = self.spec.lookahead if self.spec is not None else None
-        self.scheduler = Scheduler(config, self.block_manager, lookahead)
+        self.model_config = info.model_config
+        self.tokenizer = info.tokenizer
+        self.generation_config = info.generation_config
+        self.eos_token_ids = info.eos_token_ids
+        self.max_model_len = info.max_model_len
+        self.scheduler = scheduler
+        self.block_manager: BlockManager = scheduler.block_manager
+        self.runner = runner
+        self.processor = processor
+        self.structured = structured or StructuredOutputs(
+            info.tokenizer, info.model_config.vocab_size, info.eos_token_ids,
+            getattr(config, "reasoning_parser", None),
+        )  # fmt: skip
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self._touched: dict[str, Request] = {}
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, finished=0, steps=0)
-
-    # ---- setup -----------------------------------------------------------------------------
-    @staticmethod
-    def _length_limit(config: EngineConfig, model_config) -> int:
-        """max_model_len before the KV capacity caps it (so a lone sequence always fits)."""
-        limit = model_config.max_position_embeddings
-        if model_config.sliding_window:
-            limit = min(limit, model_config.sliding_window)  # no sliding-window attention yet
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise NanovllmError(
-                f"max_model_len {config.max_model_len} exceeds the model's maximum length {limit}"
-            )
-        return config.max_model_len or limit
-
-    @staticmethod
-    def _num_blocks(config: EngineConfig, model_config, backend) -> int:
-        """`--num-blocks auto` sizes the KV cache from free GPU memory, after the weights are loaded;
-        without a GPU it falls back to the default of 512 blocks."""
-        if config.num_blocks != "auto":
-            return config.num_blocks
-        if backend.name != "cuda":
-            return 512
-        from nanovllm.backends.cuda import activation_reserve_bytes, gpu_num_blocks
-
-        cfg = model_config
-        reserve = activation_reserve_bytes(
-            cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size,
-            config.max_num_batched_tokens, config.max_num_seqs, backend.dtype,
-        )  # fmt: skip
-        return gpu_num_blocks(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, backend.dtype,
-            config.gpu_memory_utilization, reserve,
-        )  # fmt: skip
-
-    def _speculator(self, config: EngineConfig, backend) -> SpecDecoder | None:
-        if config.speculative_method is None:
-            return None
-        draft_runner = None
-        if config.speculative_method == "draft":
-            draft = load_checkpoint(config.draft_model)
-            if draft.config.vocab_size != self.model_config.vocab_size:
-                raise NanovllmError(
-                    f"draft model {config.draft_model} has a vocabulary of {draft.config.vocab_size} "
-                    f"tokens but the target has {self.model_config.vocab_size}; speculative decoding "
-                    f"needs a draft that shares the target's vocabulary"
-                )
-            draft_model = build_model(draft, backend, self.max_model_len)
-            draft_runner = ModelRunner(
-                draft_model,
-                backend,
-                config.num_blocks,
-                config.block_size,
-                self.eos_token_ids,
-                config.seed + 1,
-            )
-        return SpecDecoder(
-            config.speculative_method,
-            config.num_speculative_tokens,
-            self.max_model_len,
-            draft_runner,
-            config.prompt_lookup_min,
-            config.prompt_lookup_max,
-        )
-
-    def _eos_ids(self, checkpoint) -> list[int]:
-        ids = list(checkpoint.config.eos_token_ids)
-        gen_eos = checkpoint.generation_config.get("eos_token_id")
-        ids += gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
-        if checkpoint.tokenizer.eos_token_id is not None:
-            ids.append(checkpoint.tokenizer.eos_token_id)
-        return sorted({int(i) for i in ids})
+        self._num_steps = 0
 
     def default_sampling_params(self) -> SamplingParams:
         """vLLM's behaviour: the model's generation_config.json supplies the sampling defaults."""
@@ -154,10 +86,14 @@ class LLMEngine:
         params = params or self.default_sampling_params()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
+            raise ValueError("prompt_logprobs is not supported with --tensor-parallel-size > 1")
         text, token_ids = self._tokenize(prompt, add_special_tokens)
         params = self._check_lengths(token_ids, params)
+        params.validate_token_ids(self.model_config.vocab_size)
         request = Request(request_id, text, token_ids, params)
-        self._spawn(request, 0)
+        self.structured.prepare(request)
+        self._spawn(request)
         self.requests[request_id] = request
         return request
 
@@ -195,28 +131,21 @@ class LLMEngine:
             )
         return params
 
-    def _spawn(self, request: Request, index: int) -> Sequence:
+    def _spawn(self, request: Request) -> None:
+        """The request's next sample. The first waits in line; the others go right behind it
+        once it has its first token, when the prompt is in the prefix cache."""
+        index = len(request.seqs)
         params = request.params
-        # Any integer seed works (OpenAI allows negative ones); NumPy wants non-negative entropy.
-        generator = (
-            None if params.seed is None else np.random.default_rng((params.seed % 2**64, index))
-        )
-        seq = Sequence(
-            next(self._seq_ids), request, index, list(request.prompt_token_ids), params, generator
-        )
-        seq.detokenizer = IncrementalDetokenizer(
-            self.tokenizer,
-            request.prompt_token_ids,
-            skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop,
-            include_stop_str_in_output=params.include_stop_str_in_output,
-        )
+        token_ids = list(request.prompt_token_ids)
+        generator = sequence_generator(params.seed, index)
+        seq = Sequence(next(self._seq_ids), request, index, token_ids, params, generator)
+        self.processor.add_sequence(seq)
+        self.structured.attach(seq)
         request.seqs.append(seq)
         if index == 0:
             self.scheduler.add(seq)
         else:
-            self.scheduler.add_front(seq)  # right behind its leader: the prompt is cached by now
-        return seq
+            self.scheduler.add_front(seq)
 
     def abort_request(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -227,7 +156,6 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         request.finish_time = time.monotonic()
-        self._touched.pop(request_id, None)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -235,169 +163,50 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        for seq in batch.preempted:
-            seq.draft_computed = 0
-        if batch:
-            self._counters["steps"] += 1
-            self._run(batch)
-        outputs = [self._output(request) for request in self._touched.values()]
-        self._touched.clear()
-        return outputs
-
-    def _run(self, batch: ScheduledBatch) -> None:
-        """One forward of the target over the batch, then sampling (or verification of drafts)."""
-        spec = self.spec
-        drafts = spec.propose(batch) if spec is not None else {}
-        items = [self._item(seq, num_new, drafts.get(seq)) for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True)]  # fmt: skip
-        logits = self.runner.logits(items)
-        results: list[tuple[Sequence, int, list[int], list]] = []
-        plain, plain_rows, row = [], [], 0
-        for item in items:
-            seq, rows = item.seq, slice(row, row + item.num_logits)
-            row += item.num_logits
-            if seq in drafts:
-                tokens, logprobs, consumed = spec.verify(
-                    seq, drafts[seq], logits[rows], self.runner
-                )
-                results.append((seq, consumed, tokens, logprobs))
-            elif item.num_logits:
-                plain.append(seq)
-                plain_rows.append(rows.start)
-            else:
-                results.append((seq, len(item.token_ids), [], []))
-        if plain:
-            # Without speculation every logits row is a plain one: no copy of [B, vocab].
-            rows = logits if len(plain_rows) == len(logits) else logits[plain_rows]
-            sampled = self.runner.sample(rows, plain)
-            for seq, token, logprobs in zip(
-                plain, sampled.token_ids.tolist(), sampled.logprobs, strict=True
-            ):
-                results.append((seq, seq.num_tokens - seq.num_computed_tokens, [token], [logprobs]))
-        now = time.monotonic()
-        for seq, consumed, tokens, logprobs in results:
-            self._commit(seq, consumed, tokens, logprobs, now)
-
-    def _item(self, seq: Sequence, num_new: int, proposal) -> ForwardItem:
-        start = seq.num_computed_tokens
-        if proposal is not None:  # the last token, then the drafts to verify
-            return ForwardItem(
-                seq, start, [seq.token_ids[-1], *proposal.token_ids], 1 + len(proposal.token_ids)
-            )
-        tokens = seq.token_ids[start : start + min(num_new, seq.num_tokens - start)]
-        return ForwardItem(seq, start, tokens, 1 if start + len(tokens) == seq.num_tokens else 0)
-
-    def _commit(
-        self, seq: Sequence, consumed: int, tokens: list[int], logprobs: list, now: float
-    ) -> None:
-        """Mark `consumed` tokens computed, append new tokens until a stop rule fires."""
-        seq.num_computed_tokens += consumed
-        for token, token_logprobs in zip(tokens, logprobs, strict=True):
-            self._append(seq, token, token_logprobs, now)
-            if seq.finish_reason is not None:
-                break
-        self.block_manager.cache_computed_blocks(seq)
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
-            self._on_finished(seq, now)
-        request = seq.request
-        final_only = request.params.output_kind is RequestOutputKind.FINAL_ONLY
-        if tokens and (not final_only or (seq.finish_reason is not None and request.is_finished)):
-            self._touched[request.request_id] = request
-        if seq.finish_reason is None and len(seq.block_table) > self.block_manager.blocks_needed(
-            seq.num_tokens
-        ):
-            self.block_manager.trim(seq, seq.num_tokens)  # slots of rejected drafts
-
-    def _append(self, seq: Sequence, token: int, logprobs, now: float) -> None:
-        seq.token_ids.append(token)
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            self._on_first_token(seq)
-        self._counters["generation_tokens"] += 1
-        self._check_stop(seq, token)
-
-    def _on_first_token(self, seq: Sequence) -> None:
-        request = seq.request
-        if seq.index == 0:
-            self._counters["prompt_tokens"] += request.num_prompt_tokens
-            for index in range(1, request.params.n):
-                self._spawn(request, index)
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params, num_out = seq.params, seq.num_output_tokens
-        can_stop = num_out > params.min_tokens  # vLLM: stop rules apply from token min_tokens + 1
-        stop_token = can_stop and (
-            token in params.stop_token_ids
-            or (not params.ignore_eos and token in self.eos_token_ids)
-        )
-        if stop_token and not params.include_stop_str_in_output:
-            stop_string = None
-        else:
-            stop_string = seq.detokenizer.add_tokens([token], check_stop=can_stop)
-        if stop_token:
-            reason = token if token in params.stop_token_ids else None
-            self._finish(seq, "stop", reason)
-        elif stop_string is not None:
-            self._finish(seq, "stop", stop_string)
-        elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        # The flush may complete a stop string held back with a partial character.
-        late_stop = seq.detokenizer.finish()
-        if reason == "length" and late_stop is not None:
-            reason, stop_reason = "stop", late_stop
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-
-    def _on_finished(self, seq: Sequence, now: float) -> None:
-        request = seq.request
-        if request.is_finished:
-            request.finish_time = now
-            self._counters["finished"] += 1
+        failed = self._resolve_grammars()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if not failed:
+                self.structured.wait()  # only grammars still compiling: wait, do not spin
+            return [self.processor.output(request) for request in failed]
+        self._num_steps += 1
+        result = self.runner.execute(scheduled)
+        touched = self.processor.process(scheduled, result, time.monotonic())
+        self.scheduler.update(scheduled, result)
+        for request in self.processor.finished:
             self.requests.pop(request.request_id, None)
+        for request in self.processor.first_sampled:
+            if request.params.n > 1:  # its samples follow the first, whose prompt is cached now
+                for _ in range(len(request.seqs), request.params.n):
+                    self._spawn(request)
+        return [self.processor.output(request) for request in failed + touched]
 
-    def _output(self, request: Request) -> RequestOutput:
-        outputs = [self._completion(seq) for seq in request.seqs]
-        first_times = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
-        metrics = RequestMetrics(
-            arrival_time=request.arrival_time,
-            first_token_time=min(first_times) if first_times else None,
-            finish_time=request.finish_time,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_generation_tokens=sum(s.num_output_tokens for s in request.seqs),
-        )
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=outputs,
-            finished=request.is_finished,
-            metrics=metrics,
-        )
-
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        token_ids, sent = seq.output_token_ids, seq.num_sent_tokens
-        seq.num_sent_tokens = len(token_ids)
-        want_logprobs = seq.params.logprobs is not None
-        delta_text = seq.detokenizer.take_delta(seq.is_finished)
-        return CompletionOutput(
-            index=seq.index,
-            text=seq.detokenizer.text,
-            token_ids=token_ids,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            logprobs=list(seq.logprobs) if want_logprobs else None,
-            delta_text=delta_text,
-            delta_token_ids=token_ids[sent:],
-            delta_logprobs=seq.logprobs[sent:] if want_logprobs else None,
-        )
+    def _resolve_grammars(self) -> list[Request]:
+        """Sequences whose grammar compiled join the queue; a grammar that failed to compile
+        ends its request with finish_reason "error". The requests that failed."""
+        failed: list[Request] = []
+        for seq, error in self.structured.resolve():
+            self.scheduler.finish(seq)
+            self.processor.fail(seq, error, time.monotonic())
+            if seq.request not in failed:
+                failed.append(seq.request)
+        for request in failed:
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+        return failed
 
     # ---- stats -----------------------------------------------------------------------------
+    @property
+    def iteration_stats(self) -> IterationStats:
+        """What the latest step did (first tokens, inter-token latencies, tokens run)."""
+        return self.processor.iteration
+
     def stats(self) -> EngineStats:
-        manager, counters = self.block_manager, self._counters
+        manager, counters, spec = (
+            self.block_manager,
+            self.processor.counters,
+            self.runner.spec_stats,
+        )
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -407,11 +216,13 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=manager.query_tokens,
             prefix_cache_hits=manager.hit_tokens,
-            prompt_tokens=counters["prompt_tokens"],
-            generation_tokens=counters["generation_tokens"],
-            num_finished_requests=counters["finished"],
-            num_steps=counters["steps"],
-            spec=None if self.spec is None else self.spec.stats.snapshot(),
+            prompt_tokens=counters.prompt_tokens,
+            generation_tokens=counters.generation_tokens,
+            num_finished_requests=counters.finished_requests,
+            num_steps=self._num_steps,
+            spec=None if spec is None else spec.snapshot(),
+            num_constrained_requests=self.structured.num_constrained_requests,
+            masks=self.runner.mask_stats.snapshot(),
         )
 
     def snapshot(self) -> EngineSnapshot:
@@ -424,7 +235,7 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 output_tokens=seq.num_output_tokens,
                 computed_tokens=seq.num_computed_tokens,
-                num_blocks=len(seq.block_table),
+                num_blocks=self.block_manager.held_blocks(seq),
                 age_s=now - seq.request.arrival_time,
             )
             for state, seqs in (

@@ -1,66 +1,68 @@
-"""ModelRunner: all array work of a step — build the flat batch, run the model once, sample.
-
-The batch is flat: the new tokens of every scheduled sequence (prefill chunks, decodes and
-speculative verification runs alike) are concatenated; AttentionMetadata tells the attention op
-where each sequence's queries start and how long its cached context is. Only the rows that need
-a next-token distribution go through the LM head.
+"""ModelRunner: all array work of a step. `execute` takes the scheduler's record of the step,
+asks the proposer for guesses, runs the model once over the mixed batch (eagerly, or as a
+captured decode graph), scores the prompt rows of prefills that asked for prompt logprobs,
+masks constrained rows, and samples: plain decoding is verification with k = 0, so every
+sequence goes through the sampler's one `verify`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 
 import numpy as np
 
 from nanovllm.backends.base import AttentionMetadata, Backend
+from nanovllm.engine.batch import ForwardItem, StepInputs, forward_item, prepare, sampling_row
 from nanovllm.engine.cuda_graphs import DecodeGraphRunner
-from nanovllm.engine.sampler import SampleOutput, Sampler, SamplingRow
-from nanovllm.engine.sequence import Sequence
-from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.engine.logprobs import TokenLogprobs
+from nanovllm.engine.numerics import (
+    NonFiniteLogitsError,
+    all_finite,
+    first_nonfinite,
+    nonfinite_message,
+)
+from nanovllm.engine.prompt_logprobs import prompt_logprobs
+from nanovllm.engine.sampler import SampledTokens, Sampler, VerifyGroup
+from nanovllm.engine.spec_decode import Proposer, SpecStats, roll_back_draft
+from nanovllm.engine.stats import MaskStats
+from nanovllm.engine.step import RunnerOutput, SampledSeq, SchedulerOutput
+from nanovllm.structured.bitmask import ALL_ALLOWED, bitmask_words
+
+KVCache = tuple[object, object]
 
 
-@dataclass(slots=True)
-class ForwardItem:
-    """Tokens of one sequence to run from position `start`; the last `num_logits` need logits."""
-
-    seq: Sequence
-    start: int
-    token_ids: list[int]
-    num_logits: int
-
-
-@dataclass(slots=True)
-class StepInputs:
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    query_start: np.ndarray
-    context_lens: np.ndarray
-    block_tables: np.ndarray
-    logits_rows: np.ndarray  # flat-batch rows that go through the LM head
+def allocate_kv_cache(
+    backend: Backend, model_config, num_blocks: int, block_size: int
+) -> list[KVCache]:
+    """A model's KV cache: one (K, V) pair per layer, [num_blocks, block_size, Hkv, D] each."""
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [(backend.zeros(shape), backend.zeros(shape)) for _ in range(model_config.num_layers)]
 
 
 class ModelRunner:
+    supports_prompt_logprobs = True
+
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model,
         backend: Backend,
-        num_blocks: int,
+        kv_caches: list[KVCache],
         block_size: int,
+        sampler: Sampler,
         eos_token_ids: list[int],
-        seed: int = 0,
+        proposer: Proposer | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
-        self.model = model
+        self.model = model  # forward(ids, positions, meta, kv_caches) and compute_logits(hidden)
         self.backend = backend
+        self.kv_caches = kv_caches
         self.block_size = block_size
+        self.sampler = sampler
         self.eos_token_ids = eos_token_ids
-        self.sampler = Sampler(seed, xp=backend.xp)
-        cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [
-            (backend.zeros(shape), backend.zeros(shape)) for _ in range(cfg.num_layers)
-        ]
+        self.proposer = proposer
+        self.spec_stats = SpecStats(num_speculative_tokens) if proposer is not None else None
         self.decode_graphs: DecodeGraphRunner | None = None
+        self.mask_stats = MaskStats()
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Run decode-only steps padded to batch-size buckets: CUDA graphs on a GPU, the same
@@ -69,89 +71,127 @@ class ModelRunner:
             self.model, self.backend, self.kv_caches, self.block_size, max_batch, max_model_len
         )
 
-    def kv_cache_bytes(self) -> int:
-        k_cache = self.kv_caches[0][0]
-        return 2 * len(self.kv_caches) * k_cache.size * k_cache.itemsize
+    # ---- the step ------------------------------------------------------------------------------
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        wanted = [item for item in step.scheduled if item.num_spec_tokens]
+        proposals = self.proposer.propose(wanted) if self.proposer and wanted else {}
+        items = [forward_item(item, proposals.get(item.seq)) for item in step.scheduled]
+        logits, scored = self._run(items)
+        sampled = iter(self._sample(items, logits))
+        return RunnerOutput(
+            [
+                self._result(item, next(sampled), lps)
+                for item, lps in zip(items, scored, strict=True)
+            ]
+        )
 
+    def _result(
+        self, item: ForwardItem, sampled: SampledTokens | None, scored: list[TokenLogprobs]
+    ) -> SampledSeq:
+        prompt = {"prompt_logprobs": scored, "prompt_logprobs_start": item.start + 1}
+        if sampled is None:  # mid-prefill: nothing to sample yet
+            return SampledSeq([], [], len(item.token_ids), **prompt)
+        k = item.num_proposed
+        if item.proposal is not None:
+            self.spec_stats.record(k, sampled.num_accepted)
+            roll_back_draft(item.seq, sampled.num_accepted)
+        return SampledSeq(
+            sampled.token_ids,
+            sampled.logprobs,
+            num_computed=len(item.token_ids) - (k - sampled.num_accepted),
+            num_drafted=k,
+            num_accepted=sampled.num_accepted,
+            **prompt,
+        )
+
+    def _sample(self, items: list[ForwardItem], logits) -> list[SampledTokens | None]:
+        """One SampledTokens per item with logits rows, None for the others."""
+        groups = [self._group(item) for item in items if item.num_logits]
+        self._apply_constraints([item for item in items if item.num_logits], logits)
+        verdicts = iter(self.sampler.verify(logits, groups) if groups else [])
+        return [next(verdicts) if item.num_logits else None for item in items]
+
+    def _group(self, item: ForwardItem) -> VerifyGroup:
+        seq, eos = item.seq, self.eos_token_ids
+        if item.proposal is None:
+            return VerifyGroup([sampling_row(seq, eos)], [], None)
+        guesses = item.proposal.token_ids
+        rows = [sampling_row(seq, eos, guesses[:i]) for i in range(len(guesses) + 1)]
+        return VerifyGroup(rows, guesses, item.proposal.probs)
+
+    def _apply_constraints(self, items: list[ForwardItem], logits) -> None:
+        """Mask each constrained sequence's rows (all k + 1 when verifying) before sampling: the
+        step's masks in one batched fill, applied where the logits live."""
+        rows, jobs, start = [], [], 0
+        for item in items:
+            if item.seq.constraint is not None:
+                guesses = item.proposal.token_ids if item.proposal is not None else []
+                jobs.append((item.seq.constraint, guesses))
+                rows.extend(range(start, start + item.num_logits))
+            start += item.num_logits
+        if not rows:
+            return
+        from nanovllm.structured.constraint import fill_bitmasks  # loads llguidance
+
+        started = time.perf_counter()
+        masks = np.empty((len(rows), bitmask_words(logits.shape[1])), dtype=np.int32)
+        fill_bitmasks(jobs, masks)
+        # A row that allows nothing (allowed_token_ids outside the grammar) would be all -inf:
+        # allow everything there; the constraint then refuses the token and the request ends.
+        masks[~masks.any(axis=1)] = ALL_ALLOWED
+        filled = time.perf_counter()
+        self.backend.apply_token_bitmask(logits, masks, np.asarray(rows))
+        applied = time.perf_counter()
+        self.mask_stats.record(len(jobs), len(rows), filled - started, applied - filled)
+
+    # ---- the model -----------------------------------------------------------------------------
     def logits(self, items: list[ForwardItem]):
-        """Run the model once over all items; float32 logits of the requested rows, in order.
-        They stay on the backend (a GPU's sampler works on them there)."""
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.accepts(items):
-            return graphs.logits(items)
-        return self.eager_logits(items)
+        """Run the model once over all items; float32 logits of the rows to sample, in order.
+        They stay on the backend (a GPU's sampler works on them there). Logits that are not
+        finite stop the step (nanovllm/engine/numerics.py)."""
+        return self._run(items)[0]
 
     def eager_logits(self, items: list[ForwardItem]):
-        inputs = self.prepare(items)
+        return self._eager(items)[0]
+
+    def _run(self, items: list[ForwardItem]) -> tuple[object, list[list[TokenLogprobs]]]:
+        """The logits to sample, and per item the logprobs of the prompt tokens it scored."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.accepts(items):  # decodes only: no prompt rows
+            logits = graphs.logits(items)
+            if all_finite(self.backend.xp, logits):
+                return logits, [[] for _ in items]
+            # A replay gone wrong must not be mistaken for the model's overflow.
+            graphs.fall_back("a replay gave logits that are not finite")
+        logits, scored = self._eager(items)
+        if not all_finite(self.backend.xp, logits):
+            self._report_nonfinite(items, logits)
+        return logits, scored
+
+    def _report_nonfinite(self, items: list[ForwardItem], logits) -> None:
+        xp = self.backend.xp
+        bad = int((~xp.isfinite(logits).all(axis=1)).sum())
+        inputs = prepare(items, self.block_size)
+        where = first_nonfinite(lambda inspect: self.forward(inputs, inspect), xp)
+        layers = self.model.config.num_layers
+        raise NonFiniteLogitsError(
+            nonfinite_message(bad, len(logits), where, layers, self.backend.dtype)
+        )
+
+    def _eager(self, items: list[ForwardItem]) -> tuple[object, list[list[TokenLogprobs]]]:
+        inputs = prepare(items, self.block_size)
         hidden = self.forward(inputs)
+        scored = prompt_logprobs(self.model, self.backend, hidden, inputs, items)
         xp = self.backend.xp
         if not len(inputs.logits_rows):
-            return xp.empty((0, self.model.config.vocab_size), dtype=xp.float32)
+            return xp.empty((0, self.model.config.vocab_size), dtype=xp.float32), scored
         logits = self.model.compute_logits(hidden[self.backend.asarray(inputs.logits_rows)])
-        return logits.astype(xp.float32, copy=False)
+        return logits.astype(xp.float32, copy=False), scored
 
-    def sample(self, logits: np.ndarray, seqs: list[Sequence]) -> SampleOutput:
-        return self.sampler(logits, [self.sampling_row(seq) for seq in seqs])
-
-    def sampling_row(self, seq: Sequence, extra_output: list[int] = ()) -> SamplingRow:
-        """The row for seq's next token; extra_output are tokens assumed appended (speculation)."""
-        params = seq.params
-        # Only penalties and min_tokens read the output so far; skip copying it otherwise.
-        needs_output = (
-            params.min_tokens or params.repetition_penalty != 1.0
-            or params.frequency_penalty or params.presence_penalty
-        )  # fmt: skip
-        output = seq.output_token_ids if needs_output else []
-        return SamplingRow(
-            params=seq.params,
-            prompt_token_ids=seq.request.prompt_token_ids,
-            output_token_ids=output + list(extra_output) if extra_output else output,
-            generator=seq.generator,
-            eos_token_ids=self.eos_token_ids,
-        )
-
-    def prepare(self, items: list[ForwardItem]) -> StepInputs:
-        size = self.block_size
-        ids, positions, slots = [], [], []
-        query_start, context_lens, logits_rows = [0], [], []
-        for item in items:
-            start, end = item.start, item.start + len(item.token_ids)
-            ids.extend(item.token_ids)
-            table = item.seq.block_table
-            if end - start == 1:  # a decode: plain ints are far cheaper than tiny arrays
-                positions.append(start)
-                slots.append(table[start // size] * size + start % size)
-            else:
-                pos = np.arange(start, end)
-                positions.extend(pos.tolist())
-                slots.extend((np.asarray(table)[pos // size] * size + pos % size).tolist())
-            query_start.append(query_start[-1] + end - start)
-            context_lens.append(end)
-            logits_rows.extend(range(query_start[-1] - item.num_logits, query_start[-1]))
-        width = max(len(item.seq.block_table) for item in items)
-        tables = np.zeros((len(items), width), dtype=np.int32)
-        for row, item in enumerate(items):
-            tables[row, : len(item.seq.block_table)] = item.seq.block_table
-        return StepInputs(
-            input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.asarray(positions, dtype=np.int64),
-            slot_mapping=np.asarray(slots, dtype=np.int64),
-            query_start=np.asarray(query_start, dtype=np.int32),
-            context_lens=np.asarray(context_lens, dtype=np.int32),
-            block_tables=tables,
-            logits_rows=np.asarray(logits_rows, dtype=np.int64),
-        )
-
-    def forward(self, inputs: StepInputs):
-        xp = self.backend.asarray
-        meta = AttentionMetadata(
-            slot_mapping=xp(inputs.slot_mapping),
-            block_tables=xp(inputs.block_tables),
-            query_start=xp(inputs.query_start),
-            context_lens=xp(inputs.context_lens),
-            block_size=self.block_size,
-            query_start_host=inputs.query_start,
-            context_lens_host=inputs.context_lens,
-            block_tables_host=inputs.block_tables,
-        )
-        return self.model.forward(xp(inputs.input_ids), xp(inputs.positions), meta, self.kv_caches)
+    def forward(self, inputs: StepInputs, inspect=None):
+        upload, host = self.backend.asarray, inputs.attention
+        meta = AttentionMetadata.build(host, self.block_size, host.map(upload))
+        ids, positions = upload(inputs.input_ids), upload(inputs.positions)
+        if inspect is None:
+            return self.model.forward(ids, positions, meta, self.kv_caches)
+        return self.model.forward(ids, positions, meta, self.kv_caches, inspect=inspect)

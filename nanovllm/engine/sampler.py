@@ -5,43 +5,29 @@ frequency/presence penalties -> greedy rows take the argmax here -> temperature 
 top_k -> top_p -> one inverse-CDF draw with one uniform from the row's generator.
 Logprobs come from the raw logits (vLLM V1's default `raw_logprobs`).
 
-Everything is vectorized over the batch; `xp` is the array module (NumPy now, CuPy later).
+Everything is vectorized over the batch, on the backend's arrays (NumPy, or CuPy on a GPU).
 Random numbers always come from NumPy generators on the host, one uniform per sampled row, so a
-seeded request gets the same tokens whatever else shares its batch.
+seeded sequence draws from its own stream whatever else shares its batch.
+
+`verify` is the one entry point of a step: a sequence either samples its next token (k = 0) or
+verifies k proposed tokens by rejection sampling (nanovllm/engine/rejection.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.engine.distribution import largest_sorted, search_cdf
+from nanovllm.engine.logits_processors import SamplingRow, column, penalized
+from nanovllm.engine.logprobs import TokenLogprobs, ranked_logprobs
+from nanovllm.engine.rejection import rejection_sample
 
-# Width of the blocks in the two-level running-sum search (see _search_cdf).
-_BLOCK = 256
+__all__ = ["Sampler", "SamplingRow", "TokenLogprobs", "SampleOutput", "VerifyGroup"]
+
 # How many of a row's best tokens are sorted first when looking for its top_p nucleus.
 _NUCLEUS_CANDIDATES = 2048
-
-
-@dataclass(slots=True)
-class SamplingRow:
-    """One row of logits: a sequence that needs its next token."""
-
-    params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-    generator: np.random.Generator | None  # None: the sampler's shared generator
-    eos_token_ids: Sequence[int]
-
-
-@dataclass(slots=True)
-class TokenLogprobs:
-    token_id: int  # the sampled token
-    logprob: float
-    rank: int  # 1 = most likely; tokens tied with it count as better (vLLM)
-    top: list[tuple[int, float]]  # params.logprobs most likely (id, logprob), best first
 
 
 @dataclass(slots=True)
@@ -50,19 +36,75 @@ class SampleOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def request_generator(params: SamplingParams) -> np.random.Generator | None:
-    """The generator a seeded request keeps for its whole life (None: use the shared one)."""
-    return None if params.seed is None else np.random.default_rng(params.seed)
+@dataclass(slots=True)
+class VerifyGroup:
+    """One sequence's logits rows in a step: k + 1 rows when verifying k proposed tokens (row i
+    assumes proposed[:i] were accepted), one row when it simply samples (k = 0)."""
+
+    rows: list[SamplingRow]
+    draft_token_ids: list[int]
+    draft_probs: np.ndarray | None  # [k, V]; None for a deterministic proposer (or k = 0)
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    token_ids: list[int]  # accepted proposals, then one sampled token
+    num_accepted: int
+    logprobs: list[TokenLogprobs | None]
+
+
+class _HostArrays:
+    """NumPy as the backend's arrays, when the sampler is used on its own."""
+
+    xp = np
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        return np.asarray(x)
 
 
 class Sampler:
-    def __init__(self, seed: int = 0, xp=np) -> None:
+    def __init__(self, seed: int = 0, backend=None) -> None:
         self.generator = np.random.default_rng(seed)  # for rows without their own
-        self.xp = xp
+        self.backend = backend or _HostArrays()
+        self.xp = self.backend.xp
+
+    def verify(self, logits, groups: list[VerifyGroup]) -> list[SampledTokens]:
+        """The tokens each group keeps. logits holds the groups' rows in order."""
+        if len(groups) == len(logits):  # one row each: nobody verifies, all sample at once
+            sampled = self(logits, [group.rows[0] for group in groups])
+            return [
+                SampledTokens([token], 0, [logprobs])
+                for token, logprobs in zip(
+                    sampled.token_ids.tolist(), sampled.logprobs, strict=True
+                )
+            ]
+        starts = np.cumsum([0] + [len(g.rows) for g in groups])
+        plain = [i for i, g in enumerate(groups) if not g.draft_token_ids]
+        out: list[SampledTokens | None] = [None] * len(groups)
+        if plain:
+            rows = logits if len(plain) == len(logits) else logits[starts[plain]]
+            sampled = self(rows, [groups[i].rows[0] for i in plain])
+            for i, token, logprobs in zip(
+                plain, sampled.token_ids.tolist(), sampled.logprobs, strict=True
+            ):
+                out[i] = SampledTokens([token], 0, [logprobs])
+        for i, group in enumerate(groups):
+            if group.draft_token_ids:
+                out[i] = self._verify_one(logits[starts[i] : starts[i + 1]], group)
+        return out
+
+    def _verify_one(self, logits, group: VerifyGroup) -> SampledTokens:
+        probs = self.backend.to_numpy(self.probs(logits, group.rows))
+        generator = group.rows[0].generator or self.generator
+        verdict = rejection_sample(probs, group.draft_token_ids, group.draft_probs, generator)
+        kept = len(verdict.token_ids)
+        logprobs = self.logprobs(logits[:kept], np.asarray(verdict.token_ids), group.rows[:kept])
+        return SampledTokens(verdict.token_ids, verdict.num_accepted, logprobs)
 
     def __call__(self, logits, rows: list[SamplingRow]) -> SampleOutput:
         xp = self.xp
-        x = self._penalized(logits, rows)
+        x = penalized(self.xp, logits, rows)
         greedy = np.array([row.params.greedy for row in rows], dtype=bool)
         if greedy.all():  # nothing random: no temperature, no sort, no draw
             token_ids = x.argmax(axis=1).astype(xp.int64)
@@ -74,13 +116,13 @@ class Sampler:
             drawn = np.flatnonzero(~greedy)
             sub = [rows[i] for i in drawn]
             token_ids[drawn] = self._draw(self._weights(_take(x, drawn), sub), sub)
-        token_ids = _to_host(token_ids)
+        token_ids = self.backend.to_numpy(token_ids)
         return SampleOutput(token_ids, self.logprobs(logits, token_ids, rows))
 
     def probs(self, logits, rows: list[SamplingRow]):
         """The distribution each row samples from, [B, V] float32; greedy rows are one-hot."""
         xp = self.xp
-        x = self._penalized(logits, rows)
+        x = penalized(self.xp, logits, rows)
         out = xp.zeros(x.shape, dtype=xp.float32)
         greedy = np.array([row.params.greedy for row in rows], dtype=bool)
         picked = np.flatnonzero(greedy)
@@ -94,77 +136,14 @@ class Sampler:
 
     def sample_from_probs(self, probs, rows: list[SamplingRow]) -> np.ndarray:
         """One token per row by inverse CDF, drawing exactly one uniform from each row's generator."""
-        return _to_host(self._draw(self.xp.asarray(probs), rows))
-
-    # --- penalties (change the argmax, so they apply to greedy rows too) ---
-
-    def _penalized(self, logits, rows: list[SamplingRow]):
-        """float32 logits after min_tokens masking and penalties; a copy only if a row needs one."""
-        xp = self.xp
-        masked = [i for i, row in enumerate(rows) if _below_min_tokens(row)]
-        repeated = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
-        counted = [i for i, row in enumerate(rows) if _has_count_penalty(row.params)]
-        if not (masked or repeated or counted):
-            return xp.asarray(logits, dtype=xp.float32)
-        x = xp.array(logits, dtype=xp.float32)  # never write into the caller's logits
-        if masked:
-            self._mask_stop_tokens(x, rows, masked)
-        if repeated:
-            self._apply_repetition_penalty(x, rows, repeated)
-        if counted:
-            self._apply_count_penalties(x, rows, counted)
-        return x
-
-    def _mask_stop_tokens(self, x, rows: list[SamplingRow], masked: list[int]) -> None:
-        # vLLM masks EOS here even with ignore_eos: its min_tokens set always holds the EOS ids.
-        vocab = x.shape[1]
-        pairs = [
-            (i, t)
-            for i in masked
-            for t in {*rows[i].params.stop_token_ids, *rows[i].eos_token_ids}
-            if t < vocab  # an id outside the vocabulary can never be sampled anyway
-        ]
-        if pairs:
-            row_idx, token_idx = np.array(pairs, dtype=np.int64).T
-            x[self.xp.asarray(row_idx), self.xp.asarray(token_idx)] = -np.inf
-
-    def _apply_repetition_penalty(self, x, rows: list[SamplingRow], repeated: list[int]) -> None:
-        """Over prompt and output tokens: divide positive logits by the penalty, multiply negative."""
-        xp = self.xp
-        tokens = [rows[i].prompt_token_ids for i in repeated] + [
-            rows[i].output_token_ids for i in repeated
-        ]
-        flat = self._flat_index(x, repeated + repeated, tokens)
-        penalty = self._column(rows, "repetition_penalty")[flat // x.shape[1]]
-        # A token seen twice is written twice with the same value: no need to deduplicate.
-        seen = x.reshape(-1)[flat]
-        x.reshape(-1)[flat] = xp.where(seen > 0, seen / penalty, seen * penalty)
-
-    def _apply_count_penalties(self, x, rows: list[SamplingRow], counted: list[int]) -> None:
-        """Over output tokens: logit -= frequency * count + presence * (count > 0)."""
-        xp = self.xp
-        tokens = [rows[i].output_token_ids for i in counted]
-        flat, counts = xp.unique(self._flat_index(x, counted, tokens), return_counts=True)
-        row = flat // x.shape[1]
-        frequency = self._column(rows, "frequency_penalty")[row]
-        presence = self._column(rows, "presence_penalty")[row]
-        x.reshape(-1)[flat] -= frequency * counts.astype(xp.float32) + presence
-
-    def _flat_index(self, x, row_ids: list[int], tokens: list[Sequence[int]]):
-        """Indices into x.reshape(-1) of (row, token) for every token of every listed row."""
-        token_ids = [np.asarray(seq, dtype=np.int64) for seq in tokens]
-        row_of = np.repeat(np.asarray(row_ids, dtype=np.int64), [len(t) for t in token_ids])
-        return self.xp.asarray(row_of * x.shape[1] + np.concatenate(token_ids))
-
-    def _column(self, rows: list[SamplingRow], name: str):
-        return self.xp.asarray([getattr(row.params, name) for row in rows], dtype=self.xp.float32)
+        return self.backend.to_numpy(self._draw(self.xp.asarray(probs), rows))
 
     # --- the random path ---
 
     def _weights(self, x, rows: list[SamplingRow]):
         """Unnormalised probabilities after temperature, min_p, top_k and top_p (zero = removed)."""
         xp = self.xp
-        x = x / self._column(rows, "temperature")[:, None]
+        x = x / column(self.xp, rows, "temperature")[:, None]
         top = x.max(axis=1)
         weights = x - top[:, None]
         xp.exp(weights, out=weights)
@@ -200,7 +179,7 @@ class Sampler:
     def _top_k_floor(self, x, top, floor, top_k: np.ndarray, top_p: np.ndarray):
         """top_k, then top_p within the k survivors: only each row's k best logits are sorted."""
         xp = self.xp
-        best = _largest_sorted(xp, x, int(top_k.max()))
+        best = largest_sorted(xp, x, int(top_k.max()))
         floor = xp.maximum(floor, best[xp.arange(len(best)), xp.asarray(top_k - 1)])
         if (top_p < 1.0).any():
             cutoff, _ = self._nucleus_cutoff(best, top, floor, top_p, total=None)
@@ -217,11 +196,11 @@ class Sampler:
         kept = weights * (x >= floor[:, None]) if bool(xp.isfinite(floor).any()) else weights
         total = kept.sum(axis=1, dtype=xp.float64)  # mass of what min_p left, for renormalising
         width = min(x.shape[1], _NUCLEUS_CANDIDATES)
-        best = _largest_sorted(xp, x, width)
+        best = largest_sorted(xp, x, width)
         cutoff, found = self._nucleus_cutoff(best, top, floor, top_p, total)
-        missed = np.flatnonzero(~_to_host(found))
+        missed = np.flatnonzero(~self.backend.to_numpy(found))
         if len(missed):
-            best = _largest_sorted(xp, x[missed], x.shape[1])
+            best = largest_sorted(xp, x[missed], x.shape[1])
             cutoff[missed] = self._nucleus_cutoff(
                 best, top[missed], floor[missed], top_p[missed], total[missed]
             )[0]
@@ -240,13 +219,13 @@ class Sampler:
             total = mass.sum(axis=1, dtype=xp.float64)
         top_p = xp.asarray(top_p)
         # The first index where the running sum is >= top_p * total.
-        last = _search_cdf(xp, mass, top_p, strict=False, total=total)
+        last = search_cdf(xp, mass, top_p, strict=False, total=total)
         cutoff = xp.where(top_p < 1.0, best[xp.arange(len(best)), last], -np.inf)
         found = mass.sum(axis=1, dtype=xp.float64) >= top_p * total
         return cutoff.astype(xp.float32), found
 
     def _draw(self, weights, rows: list[SamplingRow]):
-        return _search_cdf(self.xp, weights, self.xp.asarray(self._uniforms(rows)), strict=True)
+        return search_cdf(self.xp, weights, self.xp.asarray(self._uniforms(rows)), strict=True)
 
     def _uniforms(self, rows: list[SamplingRow]) -> np.ndarray:
         """One uniform per row: seeded rows from their own generator, the rest from the shared one."""
@@ -266,93 +245,13 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if not len(want):
             return out
-        xp = self.xp
-        x = _take(xp.asarray(logits, dtype=xp.float32), want)
-        top = x.max(axis=1, keepdims=True)
-        log_total = top + xp.log(xp.exp(x - top).sum(axis=1, keepdims=True))
-        chosen = x[xp.arange(len(want)), xp.asarray(token_ids[want])]
-        # Ranks compare raw logits: same order as logprobs, without rounding that merges values.
-        ranks = _to_host((x >= chosen[:, None]).sum(axis=1))  # vLLM counts ties as better
-        chosen = _to_host(chosen - log_total[:, 0])
-        n = min(max(rows[i].params.logprobs for i in want), x.shape[1])
-        top_ids = _largest_ids(xp, x, n)
-        top_lp = _to_host(xp.take_along_axis(x, top_ids, axis=1) - log_total)
-        top_ids = _to_host(top_ids)
-        for j, i in enumerate(want):
-            k = rows[i].params.logprobs
-            top = [(int(t), float(v)) for t, v in zip(top_ids[j, :k], top_lp[j, :k], strict=True)]
-            out[i] = TokenLogprobs(int(token_ids[i]), float(chosen[j]), int(ranks[j]), top)
+        counts = [rows[i].params.logprobs for i in want]
+        found = ranked_logprobs(self.backend, _take(logits, want), token_ids[want], counts)
+        for i, entry in zip(want, found, strict=True):
+            out[i] = entry
         return out
-
-
-def _below_min_tokens(row: SamplingRow) -> bool:
-    return len(row.output_token_ids) < row.params.min_tokens
-
-
-def _has_count_penalty(params: SamplingParams) -> bool:
-    return params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
 def _take(x, idx: np.ndarray):
     """x[idx] along rows, without the copy when idx is every row in order."""
     return x if len(idx) == len(x) else x[idx]
-
-
-def _to_host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
-def _largest_sorted(xp, x, n: int):
-    """Each row's n largest values, largest first."""
-    if n < x.shape[1]:
-        x = xp.partition(x, x.shape[1] - n, axis=1)[:, x.shape[1] - n :]
-    # Contiguous, because the passes that follow are ~3x slower over a reversed view.
-    return xp.ascontiguousarray(xp.sort(x, axis=1)[:, ::-1])
-
-
-def _largest_ids(xp, x, n: int):
-    """Each row's n largest ids, largest value first."""
-    if n == 0:
-        return xp.zeros((len(x), 0), dtype=xp.int64)
-    ids = xp.argpartition(x, x.shape[1] - n, axis=1)[:, x.shape[1] - n :]
-    order = xp.argsort(-xp.take_along_axis(x, ids, axis=1), axis=1, kind="stable")
-    return xp.take_along_axis(ids, order, axis=1)
-
-
-def _search_cdf(xp, weights, fraction, strict: bool, total=None):
-    """Per row, the first index where the running sum of weights passes fraction * total.
-
-    total defaults to the row's own sum. strict: the running sum must exceed the target
-    (inverse-CDF sampling; a zero-weight index is never chosen); otherwise reaching it is enough
-    (the top_p cutoff). Two levels, block sums and then a running sum inside the one block holding
-    the answer, because a full-width cumsum is the slowest pass over a [B, V] array (~8x a sum).
-    """
-    rows, width = weights.shape
-    cum = xp.cumsum(_block_sums(xp, weights), axis=1)
-    target = fraction * (cum[:, -1] if total is None else total)
-    block = xp.minimum(_count_before(cum, target, strict), cum.shape[1] - 1)
-    start = xp.where(block > 0, cum[xp.arange(rows), block - 1], 0.0)
-    cols = block[:, None] * _BLOCK + xp.arange(_BLOCK)
-    inside = xp.take_along_axis(weights, xp.minimum(cols, width - 1), axis=1) * (cols < width)
-    running = start[:, None] + xp.cumsum(inside, axis=1, dtype=xp.float64)
-    offset = _count_before(running, target, strict)
-    # Rounding between the two levels can put the target past the block's end: take the block's
-    # last nonzero weight then, never a zero-weight index.
-    last = _BLOCK - 1 - xp.argmax(inside[:, ::-1] > 0, axis=1)
-    return xp.minimum(block * _BLOCK + xp.minimum(offset, last), width - 1)
-
-
-def _block_sums(xp, weights):
-    rows, width = weights.shape
-    full = width // _BLOCK * _BLOCK
-    blocks = weights[:, :full].reshape(rows, full // _BLOCK, _BLOCK)
-    sums = [blocks.sum(axis=2, dtype=xp.float64)]
-    if full < width:
-        sums.append(weights[:, full:].sum(axis=1, keepdims=True, dtype=xp.float64))
-    return xp.concatenate(sums, axis=1)
-
-
-def _count_before(cum, target, strict: bool):
-    """How many running sums come before the one that passes target (> if strict, else >=)."""
-    target = target[:, None]
-    return ((cum <= target) if strict else (cum < target)).sum(axis=1)

@@ -1,39 +1,24 @@
 """Scheduler: which sequences run this step, and how many of their tokens (policy only, no arrays).
 
 Every step packs a mixed batch under a token budget: running sequences first, oldest first
-(a decode needs one token, an unfinished prefill takes the next chunk), then waiting
-sequences first come first served while blocks and `max_num_seqs` allow. When blocks run out,
+(a decode needs one token, plus up to k speculative slots; an unfinished prefill takes the next
+chunk), then waiting sequences first come first served while blocks and `max_num_seqs` allow
+(one whose grammar is still compiling is passed by and keeps its place). When blocks run out,
 the newest running sequence is preempted by recomputation: its blocks are freed and it goes
 back to the front of the queue (the prefix cache usually gives most of them back).
+`schedule()` returns the step's record; `update()` takes the runner's result back: the KV now
+computed, blocks cached, rejected speculative slots trimmed, finished sequences freed.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass(slots=True)
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    def add(self, seq: Sequence, num_tokens: int) -> None:
-        self.seqs.append(seq)
-        self.num_new_tokens.append(num_tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __bool__(self) -> bool:
-        return bool(self.seqs)
+from nanovllm.engine.step import RunnerOutput, SchedulerOutput
 
 
 class Scheduler:
@@ -41,11 +26,17 @@ class Scheduler:
         self,
         config: EngineConfig,
         block_manager: BlockManager,
-        lookahead: Callable[[Sequence], int] | None = None,
+        num_speculative_tokens: int = 0,
+        max_model_len: int | None = None,
+        attention_window: int = 0,
     ) -> None:
-        self.lookahead = lookahead  # speculative slots a decoding sequence may use this step
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.num_speculative_tokens = num_speculative_tokens  # k: guesses a decode may verify
+        self.max_model_len = max_model_len
+        # > 0: every layer attends to at most this many positions, so blocks wholly before a
+        # sequence's window go back to the pool as it advances.
+        self.attention_window = attention_window
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -57,17 +48,39 @@ class Scheduler:
     def add_front(self, seq: Sequence) -> None:
         self.waiting.appendleft(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+    def schedule(self) -> SchedulerOutput:
+        step = SchedulerOutput()
+        budget = self._schedule_running(step)
+        if not step.preempted:
+            self._schedule_waiting(step, budget)
+        return step
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self._schedule_running(batch)
-        if not batch.preempted:
-            self._schedule_waiting(batch, budget)
-        return batch
+    def update(self, step: SchedulerOutput, result: RunnerOutput) -> None:
+        """After the runner and the output processor: advance what each sequence has computed,
+        register its full blocks in the prefix cache, and free the finished ones' blocks."""
+        manager = self.block_manager
+        for item, sampled in zip(step.scheduled, result.seqs, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += sampled.num_computed
+            manager.cache_computed_blocks(seq)
+            if seq.finish_reason is not None:
+                self.finish(seq)
+                continue
+            if len(seq.block_table) > manager.blocks_needed(seq.num_tokens):
+                manager.trim(seq, seq.num_tokens)  # slots of rejected guesses
+            if self.attention_window:
+                # The next query sits at num_computed_tokens and sees window - 1 positions back.
+                manager.release_before(seq, seq.num_computed_tokens - self.attention_window + 1)
 
-    def _schedule_running(self, batch: ScheduledBatch) -> int:
+    def spec_slots(self, seq: Sequence) -> int:
+        """Speculative slots for a decoding seq: no more than it may still generate or fit."""
+        if not self.num_speculative_tokens or not seq.is_decoding:
+            return 0
+        remaining = seq.params.max_tokens - seq.num_output_tokens - 1
+        room = self.max_model_len - seq.num_tokens
+        return max(0, min(self.num_speculative_tokens, remaining, room))
+
+    def _schedule_running(self, step: SchedulerOutput) -> int:
         budget = self.max_num_batched_tokens
         for seq in list(self.running):
             if budget == 0:
@@ -75,46 +88,67 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self.lookahead is not None and seq.is_decoding:
-                num_tokens += min(self.lookahead(seq), budget - num_tokens)
-            if self._make_room(seq, seq.num_computed_tokens + num_tokens, batch):
-                self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
-                batch.add(seq, num_tokens)
-                budget -= num_tokens
+            num_spec = min(self.spec_slots(seq), budget - num_tokens)
+            total = seq.num_computed_tokens + num_tokens + num_spec
+            if self._make_room(seq, total, step):
+                self.block_manager.allocate(seq, total)
+                step.add(seq, num_tokens, num_spec)
+                budget -= num_tokens + num_spec
         return budget
 
-    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+    def _make_room(self, seq: Sequence, num_tokens: int, step: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until seq fits; False if seq itself was preempted."""
         while not self.block_manager.can_allocate(seq, num_tokens):
             victim = self.running[-1]
             self.preempt(victim)
-            batch.preempted.append(victim)
+            step.preempted.append(victim)
             if victim is seq:
                 return False
         return True
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        manager = self.block_manager
+    def _schedule_waiting(self, step: SchedulerOutput, budget: int) -> None:
+        # Sequences whose grammar is still compiling are passed by and keep their places, so
+        # the queue behind them stays first come first served (vLLM's WAITING_FOR_FSM).
+        passed: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = manager.match_prefix(seq)
-            num_cached = len(hits) * manager.block_size
-            num_tokens = min(seq.num_tokens - num_cached, budget)
-            if not manager.can_allocate(seq, num_cached + num_tokens, hits):
+            if seq.awaiting_grammar:
+                passed.append(self.waiting.popleft())
+                continue
+            num_tokens = self._admit(seq, budget)
+            if num_tokens is None:
                 break
-            manager.record_query(seq.num_tokens, num_cached)
-            manager.allocate(seq, num_cached + num_tokens, hits)
-            seq.num_computed_tokens = num_cached
-            seq.status = SequenceStatus.RUNNING
             self.waiting.popleft()
-            self.running.append(seq)
-            batch.add(seq, num_tokens)
+            step.add(seq, num_tokens)
             budget -= num_tokens
+        self.waiting.extendleft(reversed(passed))
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Move seq to running with blocks for its first chunk: that chunk's size, or None if
+        the blocks are not there."""
+        manager = self.block_manager
+        # A prompt that must be scored skips the prefix cache, as in vLLM V1: a cached
+        # block's positions would be computed by nobody, so they would have no logprobs.
+        scored = seq.wants_prompt_logprobs
+        hits = [] if scored else manager.match_prefix(seq)
+        num_cached = len(hits) * manager.block_size
+        num_tokens = min(seq.num_tokens - num_cached, budget)
+        if not manager.can_allocate(seq, num_cached + num_tokens, hits):
+            return None
+        if not scored:
+            manager.record_query(seq.num_tokens, num_cached)
+        manager.allocate(seq, num_cached + num_tokens, hits)
+        seq.num_computed_tokens = num_cached
+        seq.status = SequenceStatus.RUNNING
+        if seq.request.scheduled_time is None:  # its queue time ends here
+            seq.request.scheduled_time = time.monotonic()
+        self.running.append(seq)
+        return num_tokens
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_seq(seq)
-        seq.num_computed_tokens = 0
+        seq.forget_computed()
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.engine.spec_decode import SpecStats
+
+
+@dataclass(slots=True)
+class MaskStats:
+    """Token masks computed (structured outputs): sequence-steps, rows and host seconds."""
+
+    num_seqs: int = 0  # a sequence masked in a step counts once per step
+    num_rows: int = 0  # logits rows masked (k + 1 per sequence when verifying k guesses)
+    seconds: float = 0.0  # computing the masks on the host (llguidance)
+    apply_seconds: float = 0.0  # applying them to the logits (on a GPU: launching the kernel)
+
+    def record(self, num_seqs: int, num_rows: int, seconds: float, apply_seconds: float) -> None:
+        self.num_seqs += num_seqs
+        self.num_rows += num_rows
+        self.seconds += seconds
+        self.apply_seconds += apply_seconds
+
+    def snapshot(self) -> MaskStats:
+        return MaskStats(self.num_seqs, self.num_rows, self.seconds, self.apply_seconds)
 
 
 @dataclass(slots=True)
@@ -22,6 +41,8 @@ class EngineStats:
     num_finished_requests: int
     num_steps: int
     spec: SpecStats | None = None  # speculative decoding counters, when it is on
+    num_constrained_requests: int = 0  # requests with a grammar, allowed_token_ids or bad_words
+    masks: MaskStats = field(default_factory=MaskStats)
 
     @property
     def num_used_blocks(self) -> int:
@@ -36,6 +57,17 @@ class EngineStats:
         return (
             self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
         )
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one step did, for latency histograms (vLLM's IterationStats): replaced every step,
+    so nothing accumulates when nobody reads it."""
+
+    num_tokens: int = 0  # token slots the step ran (prefill chunks, decodes, guesses)
+    time_to_first_tokens: list[float] = field(default_factory=list)  # requests that got one
+    # Per sequence that gained tokens and had some before: seconds since its previous ones.
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)

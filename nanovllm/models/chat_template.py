@@ -70,7 +70,23 @@ _TEMPLATE_FAILURES = (
 
 def _without_none(message: dict) -> dict:
     # OpenAI clients send content=None beside tool_calls; templates expect the key to be absent.
-    return {key: value for key, value in message.items() if value is not None}
+    message = {key: value for key, value in message.items() if value is not None}
+    if isinstance(message.get("tool_calls"), list):
+        message["tool_calls"] = [_call_for_template(call) for call in message["tool_calls"]]
+    return message
+
+
+def _call_for_template(call: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; templates (Qwen's, Llama 3's) render them
+    with `tojson` and expect the object, as vLLM hands it to them."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"] or "{}")
+    except ValueError:
+        return call  # not JSON: the template gets the text as it came
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _describe(error: jinja2.TemplateError) -> str:

@@ -51,6 +51,11 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray | Quan
         del data
 
 
+def count_safetensors(files: list[Path]) -> int:
+    """How many tensors iter_safetensors yields (the headers only are read)."""
+    return sum(len(_open(file)[0]) for file in files)
+
+
 def _open(file: Path) -> tuple[dict, np.memmap]:
     size = file.stat().st_size
     with open(file, "rb") as f:

@@ -1,8 +1,11 @@
 """Admission control: how many generation requests may be in flight, and refusing the rest.
 
-Every open stream holds one waitress worker thread, so the server bounds the requests it takes
-(running + waiting) and answers 503 at once beyond that bound, instead of letting requests queue
-invisibly inside waitress. At shutdown it refuses everything and lets the drain wait for zero.
+Requests beyond the running batch wait in the engine's queue, as in vLLM; this bounds them.
+Each request in flight holds one waitress worker thread that only waits on its queue, and the
+pool has a thread for every admitted request plus spares, so the bound is also what keeps the
+pool from running dry. Beyond it the answer is 503 with `Retry-After` at once, instead of a
+request queued invisibly inside waitress. At shutdown it refuses everything and lets the drain
+wait for zero.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from nanovllm.server.errors import APIError, overloaded
 
 
 class Admission:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, running: int) -> None:
+        self.limit = limit  # running + waiting
+        self.running = running  # --max-requests, for the message
         self._count = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -35,7 +39,8 @@ class Admission:
             if self._count >= self.limit:
                 raise overloaded(
                     f"the server is at its limit of {self.limit} requests in flight "
-                    "(--max-requests + --max-waiting); retry later"
+                    f"({self.running} running and {self.limit - self.running} waiting); "
+                    "retry later"
                 )
             self._count += 1
 

@@ -4,8 +4,12 @@ The engine is single-threaded, so only this thread calls it. A request thread ha
 as a `Submission` (one HTTP request: one or more prompts, one SamplingParams) and waits for
 the verdict of `add_request`; afterwards the engine thread puts `(prompt_index, RequestOutput)`
 items on the submission's own queue, or an `EngineFailure` if the request cannot finish
-(shutdown, internal error). Aborts travel the same command queue, so a dropped client's blocks
-are free before the next step.
+(shutdown, internal error), or a `ClientGone` when the connection closed (`client_gone`, called
+by the server's event loop): a request thread only ever waits on that queue. Aborts travel the
+same command queue, so a dropped client's blocks are free before the next step.
+
+It is the single-process implementation of the server's engine-client interface
+(nanovllm/server/engine_client.py); a data-parallel replica runs one inside a Ray actor.
 """
 
 from __future__ import annotations
@@ -16,56 +20,36 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict
 
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.engine.stats import EngineSnapshot, EngineStats
+from nanovllm.engine.stats import EngineSnapshot, EngineStats, IterationStats
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.server.engine_client import (
+    ClientGone,
+    EngineFailure,
+    ModelFacts,
+    Outbox,
+    Prompt,
+    Submission,
+    submission_results,
+    wait_accepted,
+)
 
 logger = logging.getLogger("nanovllm.server")
 
-Prompt = str | list[int]
-# How often a waiting request thread checks that the engine thread is still alive.
-_LIVENESS_POLL_S = 1.0
-_DISCONNECT_POLL_S = 0.25
-_SNAPSHOT_INTERVAL_S = 0.1  # /v1/engine/state is at most this old  # how soon a non-streamed request notices its client left
-
-
-class ClientGone(Exception):
-    """The client of a non-streamed request closed its connection; the request is aborted."""
-
-
-class EngineFailure(Exception):
-    """The engine could not finish a request: the server is shutting down or the engine failed."""
-
-
-@dataclass(eq=False)
-class Submission:
-    """One HTTP request's prompts on their way through the engine."""
-
-    id: str
-    prompts: list[Prompt]
-    params: SamplingParams
-    add_special_tokens: bool
-    request_ids: list[str] = field(default_factory=list)
-    outputs: queue.Queue = field(default_factory=queue.Queue)
-    accepted: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None  # why add_request refused it
-    num_done: int = 0  # prompts whose final output the request thread has seen
-
-    @property
-    def done(self) -> bool:
-        return self.num_done == len(self.prompts)
+_SNAPSHOT_INTERVAL_S = 0.1  # /v1/engine/state is at most this old
 
 
 class EngineThread:
     def __init__(
         self,
         engine: LLMEngine,
-        on_finished: Callable[[RequestOutput], None] | None = None,
+        on_finished: Callable[[RequestOutput, SamplingParams], None] | None = None,
         on_aborted: Callable[[int], None] | None = None,
         log_interval: float = 5.0,
+        on_step: Callable[[IterationStats], None] | None = None,
     ) -> None:
         self.engine = engine
         self.stats: EngineStats = engine.stats()  # the latest snapshot, for /metrics and logs
@@ -73,8 +57,9 @@ class EngineThread:
         # ~35 us for 512 blocks and 8 sequences (a tiny model's CPU step takes ~2 ms).
         self.snapshot: EngineSnapshot = engine.snapshot()
         self._snapshot_time = time.monotonic()
-        self._on_finished = on_finished or (lambda output: None)
+        self._on_finished = on_finished or (lambda output, params: None)
         self._on_aborted = on_aborted or (lambda count: None)
+        self._on_step = on_step or (lambda iteration: None)
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._routes: dict[str, tuple[Submission, int]] = {}
         self._ids = itertools.count()
@@ -82,6 +67,11 @@ class EngineThread:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self._log = _ThroughputLog(log_interval, self.stats)
+        config = engine.config
+        self.facts = ModelFacts(
+            engine.tokenizer, engine.default_sampling_params(), engine.max_model_len,
+            config.model, config.max_num_seqs, config.block_size,
+        )  # fmt: skip
 
     # ---- called from request threads -------------------------------------------------------
     def start(self) -> None:
@@ -91,47 +81,35 @@ class EngineThread:
         return self._thread.is_alive()
 
     def submit(
-        self, prompts: list[Prompt], params: SamplingParams, add_special_tokens: bool
+        self,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        add_special_tokens: bool,
+        sub_id: str | None = None,
+        outputs: Outbox | None = None,
     ) -> Submission:
-        """Queue the prompts; wait until the engine accepts them. Raises what add_request raised."""
-        sub = Submission(f"req-{next(self._ids)}", prompts, params, add_special_tokens)
+        """Queue the prompts; wait until the engine accepts them. Raises what add_request raised.
+        A replica (nanovllm/distributed/replica.py) names the submission and where its outputs go."""
+        sub = Submission(sub_id or f"req-{next(self._ids)}", prompts, params, add_special_tokens)
+        if outputs is not None:
+            sub.outputs = outputs
         self._commands.put(lambda: self._add(sub))
-        while not sub.accepted.wait(_LIVENESS_POLL_S):
-            if not self.is_alive():
-                raise EngineFailure("the engine has stopped")
-        if sub.error is not None:
-            raise sub.error
-        return sub
+        return wait_accepted(sub, self.is_alive)
 
-    def results(
-        self, sub: Submission, disconnected: Callable[[], bool] | None = None
-    ) -> Iterator[tuple[int, RequestOutput]]:
+    def results(self, sub: Submission) -> Iterator[tuple[int, RequestOutput]]:
         """Every output of `sub` as the engine produces it, until all its prompts finished.
-        Raises ClientGone if `disconnected()` says the client left while we wait."""
-        poll = _DISCONNECT_POLL_S if disconnected is not None else _LIVENESS_POLL_S
-        next_check = time.monotonic() + poll
-        while not sub.done:
-            if disconnected is not None and time.monotonic() >= next_check:
-                # Checked on a clock, not only when idle: outputs may never stop arriving.
-                next_check = time.monotonic() + poll
-                if disconnected():
-                    raise ClientGone(sub.id)
-            try:
-                item = sub.outputs.get(timeout=poll)
-            except queue.Empty:
-                if not self.is_alive():
-                    raise EngineFailure("the engine has stopped") from None
-                continue
-            if isinstance(item, EngineFailure):
-                raise item
-            index, output = item
-            if output.finished:
-                sub.num_done += 1
-            yield index, output
+        Raises EngineFailure, or ClientGone once `client_gone(sub)` was called."""
+        return submission_results(sub, self.is_alive)
 
     def abort(self, sub: Submission) -> None:
         if not sub.done:
             self._commands.put(lambda: self._abort(sub))
+
+    @staticmethod
+    def client_gone(sub: Submission) -> None:
+        """Wake the thread waiting on `sub`'s results: its client closed the connection."""
+        if not sub.done:
+            sub.outputs.put(ClientGone(sub.id))
 
     def shut_down(self, message: str) -> None:
         """End every request in flight with `message` and refuse new ones."""
@@ -139,7 +117,22 @@ class EngineThread:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._commands.put(self._exit)
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # it was started
+            self._thread.join(timeout)
+
+    def engine_stats(self) -> list[EngineStats]:
+        return [self.stats]
+
+    def state(self) -> dict:
+        snapshot, config = self.snapshot, self.engine.config
+        return {
+            "object": "engine.state",
+            "num_blocks": len(snapshot.blocks),
+            "block_size": config.block_size,
+            "max_num_seqs": config.max_num_seqs,
+            "blocks": snapshot.blocks,
+            "sequences": [asdict(seq) for seq in snapshot.sequences],
+        }
 
     # ---- the engine thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -181,7 +174,7 @@ class EngineThread:
     def _add(self, sub: Submission) -> None:
         try:
             if self._refusal is not None:
-                raise EngineFailure(self._refusal)
+                raise EngineFailure(self._refusal, "shutting_down")
             for index, prompt in enumerate(sub.prompts):
                 request_id = f"{sub.id}-{index}"
                 try:
@@ -211,6 +204,7 @@ class EngineThread:
             logger.exception("engine step failed; ending every request in flight")
             self._fail_all("internal error in the engine (see the server log)")
             return
+        self._on_step(self.engine.iteration_stats)
         for output in outputs:
             route = self._routes.get(output.request_id)
             if route is None:
@@ -219,23 +213,23 @@ class EngineThread:
             sub.outputs.put((index, output))
             if output.finished:
                 del self._routes[output.request_id]
-                self._on_finished(output)
+                self._on_finished(output, sub.params)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str = "engine_failure") -> None:
         failed = 0
         for request_id, (sub, _) in list(self._routes.items()):
             try:
                 failed += self.engine.abort_request(request_id)
             except Exception:
                 logger.exception("could not abort request %s", request_id)
-            sub.outputs.put(EngineFailure(message))
+            sub.outputs.put(EngineFailure(message, code))
         self._routes.clear()
         if failed:
             self._on_aborted(failed)
 
     def _refuse_all(self, message: str) -> None:
         self._refusal = message
-        self._fail_all(message)
+        self._fail_all(message, "shutting_down")
 
     def _exit(self) -> None:
         self._running = False

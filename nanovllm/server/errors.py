@@ -21,13 +21,19 @@ class APIError(Exception):
     """A request the server refuses or cannot serve, rendered as an OpenAI error body."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
@@ -44,8 +50,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
-def overloaded(message: str) -> APIError:
-    return APIError(503, message, code="overloaded")
+def overloaded(message: str, retry_after_s: int = 1) -> APIError:
+    return APIError(503, message, code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
 def _render(resp: falcon.Response, status: int, body: dict) -> None:
@@ -56,6 +62,7 @@ def _render(resp: falcon.Response, status: int, body: dict) -> None:
 
 
 def handle_api_error(req: falcon.Request, resp: falcon.Response, ex: APIError, params) -> None:
+    resp.set_headers(ex.headers)
     _render(resp, ex.status, ex.body())
 
 

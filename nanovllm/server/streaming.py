@@ -1,9 +1,10 @@
 """Server-sent events: `data: {json}\\n\\n` chunks ending with `data: [DONE]`.
 
 waitress sends each item of a WSGI body as it is produced, so a generator of events streams.
-When the client goes away, waitress notices on the next write and calls the body's `close()`;
-`EventStream.close` runs its cleanup whether or not the generator ever started, which is how
-a dropped client's request gets aborted.
+When the client goes away, the connection's close wakes the generator (ClientGone, even while
+the request still waits in the engine's queue) or waitress notices on the next write; either
+way waitress calls the body's `close()`, and `EventStream.close` runs its cleanup whether or
+not the generator ever started, which is how a dropped client's request gets aborted.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
-from nanovllm.server.engine_thread import EngineFailure, EngineThread, Submission
-from nanovllm.server.errors import error_body
+from nanovllm.server.engine_client import ClientGone, EngineClient, EngineFailure, Submission
+from nanovllm.server.errors import APIError, error_body
 from nanovllm.server.responses import ResponseBuilder
 
 logger = logging.getLogger("nanovllm.server")
@@ -45,7 +46,7 @@ class EventStream:
 
 
 def stream_events(
-    engine: EngineThread, sub: Submission, builder: ResponseBuilder, include_usage: bool
+    engine: EngineClient, sub: Submission, builder: ResponseBuilder, include_usage: bool
 ) -> Iterator[bytes]:
     """The SSE body of one request. An error after the headers went out becomes a last chunk."""
     try:
@@ -56,8 +57,12 @@ def stream_events(
                 yield sse(chunk)
         if include_usage:
             yield sse(builder.usage_chunk())
+    except ClientGone:
+        return  # nobody to tell
     except EngineFailure as e:
-        yield sse(error_body(503, str(e), code="engine_failure"))
+        yield sse(error_body(503, str(e), code=e.code))
+    except APIError as e:  # a choice ended with an error (responses.py)
+        yield sse(e.body())
     except Exception:
         logger.exception("internal error while streaming %s", builder.id)
         yield sse(error_body(500, "internal server error (see the server log)"))

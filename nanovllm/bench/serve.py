@@ -2,8 +2,10 @@
 
 Streaming completions with random token-id prompts, at a fixed concurrency or a Poisson request
 rate. Per request: TTFT (send to first token), TPOT ((last - first) / (tokens - 1)) and the
-inter-token latencies (gaps between streamed chunks). Uses only the standard library's
-http.client, so the server's users need nothing extra to benchmark it.
+inter-token latencies (gaps between streamed chunks). Each request ends completed (`[DONE]`
+after its tokens), errored (an HTTP error or an error chunk: the server answered) or lost (the
+connection failed or the stream ended without `[DONE]`: nobody answered). Uses only the
+standard library's http.client, so the server's users need nothing extra to benchmark it.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import http.client
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import numpy as np
 
-from nanovllm.bench import parse_range
+from nanovllm.bench.workload import parse_range
 
 
 @dataclass(slots=True)
 class RequestResult:
     ok: bool
+    lost: bool = False  # no answer at all, as opposed to an error answer
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft: float = 0.0
@@ -52,15 +56,17 @@ def stream_completion(url: str, body: dict, api_key: str | None, timeout: float)
             return RequestResult(False, error=f"HTTP {response.status}: {response.read()[:200]!r}")
         return _read_stream(response, start)
     except (OSError, http.client.HTTPException) as exc:
-        return RequestResult(False, error=str(exc))
+        return RequestResult(False, lost=True, error=f"{type(exc).__name__}: {exc}")
     finally:
         conn.close()
 
 
 def _read_stream(response, start: float) -> RequestResult:
-    result, last = RequestResult(True), None
+    result, last, done = RequestResult(True), None, False
     for raw in response:
         line = raw.decode().strip()
+        if line == "data: [DONE]":
+            done = True
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
@@ -78,19 +84,31 @@ def _read_stream(response, start: float) -> RequestResult:
             result.gaps.append(now - last)
         last = now
     result.latency = (last or time.perf_counter()) - start
+    if not done:
+        return RequestResult(False, lost=True, error="the stream ended without [DONE]")
     return result
 
 
 @dataclass(slots=True)
 class ServeResult:
     num_requests: int
-    failed: int
+    failed: int  # errored + lost
+    lost: int
     duration_s: float
     output_tokens: int
     prompt_tokens: int
     ttft_ms: dict[str, float]
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
+    errors: dict[str, int] = field(default_factory=dict)  # message -> count, errored and lost
+
+    @property
+    def completed(self) -> int:
+        return self.num_requests - self.failed
+
+    @property
+    def errored(self) -> int:
+        return self.failed - self.lost
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -103,6 +121,9 @@ class ServeResult:
     def as_dict(self) -> dict:
         return {
             "num_requests": self.num_requests,
+            "completed": self.completed,
+            "errored": self.errored,
+            "lost": self.lost,
             "failed": self.failed,
             "duration_s": self.duration_s,
             "requests_per_s": self.requests_per_s,
@@ -112,6 +133,7 @@ class ServeResult:
             "ttft_ms": self.ttft_ms,
             "tpot_ms": self.tpot_ms,
             "itl_ms": self.itl_ms,
+            "errors": self.errors,
         }
 
 
@@ -151,15 +173,18 @@ def run_serve_bench(
         _at_rate(send, len(bodies), request_rate, seed)
     duration = time.perf_counter() - start
     done = [r for r in results if r is not None and r.ok]
+    failed = [r for r in results if r is not None and not r.ok]
     return ServeResult(
         num_requests=len(bodies),
         failed=len(bodies) - len(done),
+        lost=sum(r.lost for r in failed) + results.count(None),
         duration_s=duration,
         output_tokens=sum(r.output_tokens for r in done),
         prompt_tokens=sum(r.prompt_tokens for r in done),
         ttft_ms=percentiles([r.ttft for r in done]),
         tpot_ms=percentiles([r.tpot for r in done if r.tpot is not None]),
         itl_ms=percentiles([gap for r in done for gap in r.gaps]),
+        errors=dict(Counter(r.error for r in failed)),
     )
 
 
@@ -242,8 +267,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0 if not result.failed else 1
-    print(f"requests: {result.num_requests} ({result.failed} failed) in {result.duration_s:.2f} s, "
-          f"{result.requests_per_s:.2f} req/s, {result.output_tokens_per_s:.1f} output tokens/s")  # fmt: skip
+    print(f"requests: {result.num_requests} in {result.duration_s:.2f} s: {result.completed} "
+          f"completed, {result.errored} errored, {result.lost} lost; {result.requests_per_s:.2f} "
+          f"req/s, {result.output_tokens_per_s:.1f} output tokens/s")  # fmt: skip
+    for error, count in sorted(result.errors.items(), key=lambda item: -item[1])[:5]:
+        print(f"  {count} x {error}")
     for name, stats in (("TTFT", result.ttft_ms), ("TPOT", result.tpot_ms), ("ITL", result.itl_ms)):
         print(f"{name:>5} ms: mean {stats['mean']:.1f}  p50 {stats['p50']:.1f}  "
               f"p90 {stats['p90']:.1f}  p99 {stats['p99']:.1f}")  # fmt: skip
@@ -252,9 +280,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_bench_parser(kinds) -> None:
     sv = kinds.add_parser("serve", help="latency and throughput of a running server")
-    sv.add_argument("--url", default="http://127.0.0.1:8000")
-    sv.add_argument("--api-key", default=None)
-    sv.add_argument("--num-prompts", type=int, default=64)
+    sv.add_argument("--url", default="http://127.0.0.1:8000", help="the running server's base URL")
+    sv.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
+    sv.add_argument("--num-prompts", type=int, default=64, help="requests to send")
     sv.add_argument("--input-len", type=parse_range, default=(32, 128), help="N or MIN:MAX tokens")
     sv.add_argument("--output-len", type=parse_range, default=(32, 128), help="N or MIN:MAX tokens")
     load = sv.add_mutually_exclusive_group()
@@ -264,6 +292,8 @@ def add_serve_bench_parser(kinds) -> None:
     load.add_argument(
         "--request-rate", type=float, default=None, help="Poisson arrivals per second"
     )
-    sv.add_argument("--bench-seed", type=int, default=0)
-    sv.add_argument("--json", action="store_true")
+    sv.add_argument(
+        "--bench-seed", type=int, default=0, help="seed of the random prompts and lengths"
+    )
+    sv.add_argument("--json", action="store_true", help="print one JSON object")
     sv.set_defaults(func=cmd_serve)
