@@ -53,7 +53,9 @@ def test_weights_stay_in_the_files_bytes(both):
     name, ours, _, _ = both
     model = ours.model
     matrices = [model.embed_tokens] + [
-        m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        m
+        for layer in model.layers
+        for m in (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)
     ]
     if model.lm_head is not model.embed_tokens:
         matrices.append(model.lm_head)

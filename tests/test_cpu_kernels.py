@@ -83,7 +83,8 @@ def test_linear_equals_numpy_on_dequantized_weights(backend, qtype, monkeypatch)
 def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend):
     q, k, v = stored("Q5_0", 20, 64, 0), stored("Q5_0", 6, 64, 1), stored("Q8_0", 6, 64, 2)
     prepared = backend.weight(concat_rows([q, k, v]))
-    assert [p.format for p in prepared.parts] == [FORMATS[Q.Q5_0], FORMATS[Q.Q8_0]]
+    assert [p.kernels for p in prepared.parts] == [FORMATS[Q.Q5_0], FORMATS[Q.Q8_0]]
+    assert [p.format for p in prepared.parts] == ["q5_0", "q8_0"]
     assert prepared.nbytes == q.nbytes + k.nbytes + v.nbytes  # nothing became float32
     values = np.concatenate([gguf_values(t) for t in (q, k, v)])
     x = np.random.default_rng(3).normal(size=(3, 64)).astype(np.float32)
@@ -95,10 +96,10 @@ def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend):
 
 def test_float_weights_and_formats_without_a_kernel_become_float32_rows(backend):
     dense = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
-    assert backend.weight(dense).parts[0].format is FORMATS[Q.F32]
+    assert backend.weight(dense).parts[0].kernels is FORMATS[Q.F32]
     q3 = QuantizedTensor(Q.Q3_K, (4, 256), np.zeros((4, 110), np.uint8))  # no kernel for Q3_K
     part = backend.weight(q3).parts[0]
-    assert part.format is FORMATS[Q.F32]
+    assert part.kernels is FORMATS[Q.F32]
     np.testing.assert_array_equal(part.data, gguf_values(q3))
 
 

@@ -67,7 +67,7 @@ def test_logits_of_two_and_four_ranks_match_the_whole_model(checkpoint_factory, 
 
 def test_ranks_beyond_the_kv_heads_hold_copies_of_their_kv_head(checkpoint_factory):
     checkpoint = load_checkpoint(str(checkpoint_factory("llama3")))  # 2 KV heads
-    ranks = LocalRanks.reference(checkpoint, get_backend("cpu"), MAX_POSITIONS, 4)
+    ranks = LocalRanks.reference(checkpoint, get_backend("cpu-reference"), MAX_POSITIONS, 4)
     kv_rows = checkpoint.config.head_dim  # one KV head per rank
     whole = dict(checkpoint.weights())["model.layers.0.self_attn.k_proj.weight"]
     for rank, worker in enumerate(ranks.workers):

@@ -19,7 +19,7 @@ import numpy as np
 from nanovllm.backends import cpu_ops
 from nanovllm.backends.base import AttentionMetadata
 from nanovllm.backends.cpu_jit import ThreadControl
-from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format
+from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format, Q
 from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_attention
 from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
 
@@ -31,9 +31,11 @@ MAX_KERNEL_QUERIES = 16  # query tokens of one sequence up to which the attentio
 
 @dataclass(frozen=True, slots=True)
 class Matrix:
-    """One stored matrix ready for its kernels: the format's kernels and the data they take."""
+    """One stored matrix ready for its kernels: the format's kernels and the data they take;
+    `format` names it as the CUDA backend's weights do ("q4_k", "f16", or "dense" for float32)."""
 
-    format: Format
+    kernels: Format
+    format: str
     data: np.ndarray  # uint8 / uint16 / float32 rows, as the format's kernels read them
     shape: tuple[int, int]
     nbytes: int
@@ -84,15 +86,17 @@ class CPUBackend(ReferenceBackend):
 
     # ---- ops ---------------------------------------------------------------------------------
     def linear(
-        self, x: np.ndarray, weight: CPUWeight, bias: np.ndarray | None = None
+        self, x: np.ndarray, weight: CPUWeight | np.ndarray, bias: np.ndarray | None = None
     ) -> np.ndarray:
         self.threads.apply()
+        if isinstance(weight, np.ndarray):  # float32 experts of a mixture (models/moe.py)
+            return super().linear(x, weight, bias)
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
         for part, column in zip(weight.parts, weight.columns, strict=True):
             if x.shape[0] <= MAX_KERNEL_ROWS:
                 chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
-                part.format.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
+                part.kernels.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
             else:
                 self._tiled_matmul(part, x, out, column)
         if bias is not None:
@@ -158,7 +162,7 @@ class CPUBackend(ReferenceBackend):
     # ---- helpers -----------------------------------------------------------------------------
     def _tiled_matmul(self, part: Matrix, x: np.ndarray, out: np.ndarray, column: int) -> None:
         rows, cols = part.shape
-        if part.format.dequantize is None:  # float32 rows: BLAS reads them directly
+        if part.kernels.dequantize is None:  # float32 rows: BLAS reads them directly
             out[:, column : column + rows] = x @ part.data.T
             return
         step = max(1, TILE_VALUES // cols)
@@ -168,7 +172,7 @@ class CPUBackend(ReferenceBackend):
             stop = min(rows, start + step)
             tile = self._tile[: (stop - start) * cols].reshape(stop - start, cols)
             rows_of_tile = np.arange(start, stop, dtype=np.int64)
-            part.format.dequantize(part.data, rows_of_tile, tile, HALF_BLOCK)
+            part.kernels.dequantize(part.data, rows_of_tile, tile, HALF_BLOCK)
             np.matmul(x, tile.T, out=out[:, column + start : column + stop])
 
 
@@ -180,12 +184,13 @@ def _matrix(tensor: np.ndarray | QuantizedTensor) -> Matrix:
     fmt = FORMATS[tensor.qtype]
     data = fmt.view(np.ascontiguousarray(tensor.data))
     data.flags.writeable = False  # as the memory map's views are: one compiled type for both
-    return Matrix(fmt, data, tensor.shape, tensor.nbytes)
+    name = "dense" if tensor.qtype == Q.F32 else tensor.qtype.name.lower()
+    return Matrix(fmt, name, data, tensor.shape, tensor.nbytes)
 
 
 def _dequantize(part: Matrix, rows: np.ndarray) -> np.ndarray:
-    if part.format.dequantize is None:
+    if part.kernels.dequantize is None:
         return part.data[rows]
     out = np.empty((len(rows), part.shape[1]), dtype=np.float32)
-    part.format.dequantize(part.data, rows.astype(np.int64), out, HALF_BLOCK)
+    part.kernels.dequantize(part.data, rows.astype(np.int64), out, HALF_BLOCK)
     return out

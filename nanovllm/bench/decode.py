@@ -193,7 +193,8 @@ def add_decode_parser(kinds) -> None:
     parser = kinds.add_parser(
         "decode", help="decode steps of a random-weight model at several batch sizes"
     )
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="qwen3-0.6b",
+                        help="whose layer shapes the random weights take (tiny: a dry run)")  # fmt: skip
     parser.add_argument("--weights", choices=WEIGHTS, action="append",
                         help="float16 or Q4_K matrices (repeatable; default both)")  # fmt: skip
     parser.add_argument("--batch", default="1,8,64,256", help="batch sizes, comma-separated")
@@ -201,7 +202,9 @@ def add_decode_parser(kinds) -> None:
         "--context", type=int, default=512, help="tokens already cached per sequence"
     )
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed per case")
-    parser.add_argument("--device", choices=("cuda", "cuda-emulated"), default="cuda")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--device", choices=("cuda", "cuda-emulated"), default="cuda",
+                        help="a GPU, or the CPU emulator of the CUDA kernels (slow: tiny shapes)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="activations and dense weights")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
     parser.set_defaults(func=cmd_decode)
