@@ -26,52 +26,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
+from _local_server import start_server, tiny_model
 
 CONFIGS = {
     "single": [],
     "ray-1": ["--data-parallel-size", "1", "--ray-address", "local"],
     "ray-2": ["--data-parallel-size", "2"],
 }
-
-
-def tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import build_checkpoint
-
-    return build_checkpoint("llama3", folder)
-
-
-def start_server(model: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = 18000 + os.getpid() % 1000
-    command = [sys.executable, "-m", "nanovllm.server.cli", "--model", str(model), "--device",
-               "cpu", "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up")
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -125,7 +94,7 @@ def load(port: int, count: int, length: int, max_tokens: int, concurrency: int) 
 
 
 def measure(name: str, model_path: Path, args, log_dir: Path) -> dict:
-    proc, url = start_server(model_path, CONFIGS[name], log_dir / f"{name}.log")
+    proc, url = start_server(model_path, CONFIGS[name], log_dir / f"{name}.log", timeout_s=300)
     port = int(url.rsplit(":", 1)[1])
     try:
         # A server that sat idle answers its first requests 30-100x slower on this shared

@@ -18,21 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from _local_server import start_server, tiny_model
 
 from nanovllm.bench.serve import ServeResult, run_serve_bench
 from nanovllm.bench.workload import parse_range
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -75,32 +72,6 @@ class ProcessSampler:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def tiny_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import build_checkpoint
-
-    return build_checkpoint("llama3", folder)
-
-
-def start_server(model: Path, flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = 18000 + os.getpid() % 1000
-    command = [sys.executable, "-m", "nanovllm.server.cli", "--model", str(model), "--device",
-               "cpu", "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not come up")
 
 
 def workload(args, vocabulary: list[int], count: int, seed: int) -> tuple[list, list]:

@@ -115,3 +115,29 @@ def test_an_unwritable_cache_only_means_checking_again(monkeypatch, tmp_path, ca
         self_check.startup_self_check(backend, [64])
     assert len(calls) == 2
     assert "could not remember the self-check's pass" in caplog.text
+
+
+def test_building_an_engine_checks_the_target_and_the_draft_where_the_backend_asks(
+    checkpoint_factory, monkeypatch
+):
+    from nanovllm import LLM
+    from nanovllm.backends.cpu_reference import ReferenceBackend
+
+    calls = []
+
+    def record(backend, head_dims, loaded):
+        calls.append(
+            (head_dims, [(item.source, item.checkpoint.config.head_dim) for item in loaded])
+        )
+
+    monkeypatch.setattr(ReferenceBackend, "needs_startup_check", True)
+    monkeypatch.setattr(self_check, "startup_self_check", record)
+    target, draft = str(checkpoint_factory("llama3")), str(checkpoint_factory("gemma2"))
+    LLM(target, device="cpu-reference", num_blocks=16, block_size=4)
+    LLM(target, device="cpu-reference", num_blocks=16, block_size=4, speculative_method="draft",
+        draft_model=draft)  # fmt: skip
+    dims = {path: load_checkpoint(path).config.head_dim for path in (target, draft)}
+    assert calls == [
+        ([dims[target]], [(target, dims[target])]),
+        (sorted(set(dims.values())), [(target, dims[target]), (draft, dims[draft])]),
+    ]

@@ -74,13 +74,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         )
     _report_weights(backend, models)
     if backend.needs_startup_check:
-        from nanovllm.backends.self_check import LoadedForCheck, startup_self_check
-
-        loaded = [LoadedForCheck(models.target, checkpoint, config.model)]
-        if draft is not None:
-            loaded.append(LoadedForCheck(models.draft, draft, config.draft_model))
-        with phase("checking the kernels and the model on the device", "start-up self-check"):
-            startup_self_check(backend, sorted({c.head_dim for c in configs}), loaded)
+        _self_check(config, backend, models, checkpoint, draft)
     engine = assemble(config, model_info(checkpoint, limit), backend, models)
     logger.info(
         "engine ready in %.1f s: %s on %s, KV cache of %d blocks x %d tokens, max_model_len %d",
@@ -88,6 +82,24 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         engine.block_manager.num_blocks, config.block_size, engine.max_model_len,
     )  # fmt: skip
     return engine
+
+
+def _self_check(
+    config: EngineConfig,
+    backend: Backend,
+    models: Models,
+    checkpoint: Checkpoint,
+    draft: Checkpoint | None,
+) -> None:
+    """The device's kernels and one step of each loaded model against the reference."""
+    from nanovllm.backends.self_check import LoadedForCheck, startup_self_check
+
+    loaded = [LoadedForCheck(models.target, checkpoint, config.model)]
+    if draft is not None:
+        loaded.append(LoadedForCheck(models.draft, draft, config.draft_model))
+    head_dims = sorted({m.checkpoint.config.head_dim for m in loaded})
+    with phase("checking the kernels and the model on the device", "start-up self-check"):
+        startup_self_check(backend, head_dims, loaded)
 
 
 @contextmanager
