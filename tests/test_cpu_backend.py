@@ -84,11 +84,17 @@ print(json.dumps({"peak_rss": peak, "kv": kv}))
 
 def test_qwen_peak_resident_memory_stays_within_1_3x_the_file_plus_kv_cache():
     path = str(demo_model_path("qwen2.5-coder-demo"))
-    result = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT, path], capture_output=True, text=True, check=True
-    )
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    # The first run compiles the kernels for Qwen's formats (LLVM's memory counts in its peak)
+    # and caches them on disk; the second measures what serving the model takes.
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", RSS_SCRIPT, path], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    first, measured = runs
     budget = 1.3 * (os.path.getsize(path) + measured["kv"])
     peak = measured["peak_rss"]
-    print(f"Qwen2.5-Coder on cpu: peak RSS {peak / 1e6:.0f} MB, budget {budget / 1e6:.0f} MB")
+    print(f"Qwen2.5-Coder on cpu: peak RSS {peak / 1e6:.0f} MB (compiling: "
+          f"{first['peak_rss'] / 1e6:.0f} MB), budget {budget / 1e6:.0f} MB")  # fmt: skip
     assert peak <= budget

@@ -44,5 +44,7 @@ def test_float16_overflow_is_reported_with_its_layer_and_the_way_out(
 def test_the_same_weights_run_in_float32(checkpoint_factory):
     path = str(checkpoint_factory("llama3"))
     got = overflowing(path, "float32").generate([prompt_ids(6)], PARAMS, use_tqdm=False)
-    want = overflowing(path, "float32", "cpu").generate([prompt_ids(6)], PARAMS, use_tqdm=False)
+    want = overflowing(path, "float32", "cpu-reference").generate(
+        [prompt_ids(6)], PARAMS, use_tqdm=False
+    )
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids

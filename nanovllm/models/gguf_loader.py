@@ -118,6 +118,7 @@ class _Tensor(NamedTuple):
     unpermute_heads: int  # > 0: undo llama.cpp's rotary row permutation over this many heads
     offset: float = 0.0  # subtracted: what the converter added (Gemma's norm weights)
     experts: int = 0  # > 0: a stacked [experts, ...] tensor, handed out one expert at a time
+    position: int = 0  # where its bytes start in the file
 
 
 @dataclass(slots=True)
@@ -135,8 +136,12 @@ class GGUFCheckpoint:
 
     def weights(self) -> Iterator[tuple[str, np.ndarray | QuantizedTensor]]:
         """(HF name, weight) pairs: a QuantizedTensor for each matrix, a float32 array for each
-        vector, each read only when it is reached."""
+        vector, each read only when it is reached. The file pages of the tensors handed out
+        so far are dropped from the resident set as the next one is reached (see
+        _release_pages), so the load's peak holds about one layer of the file, not all of it."""
+        released = 0
         for tensor in self._tensors:
+            released = self._release_pages(released, tensor.position)
             weight = _load(tensor)
             if not tensor.experts:
                 yield tensor.hf_name, weight
@@ -147,14 +152,22 @@ class GGUFCheckpoint:
                     tensor.hf_name.format(expert=expert),
                     weight.take_rows(slice(expert * rows, (expert + 1) * rows)),
                 )
-        self._release_pages()
+        if self._map is not None:
+            self._release_pages(0, len(self._map))  # and what building the last layers touched
 
-    def _release_pages(self) -> None:
-        """Drop the file pages the load touched from this process's resident set. Fusing and
-        un-permuting copied some matrices out of the map; without this their source pages would
-        stay counted (RSS ~1.3x the file). Pages still used fault back in from the page cache."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def _release_pages(self, start: int, stop: int) -> int:
+        """Drop the file's pages in [start, stop) (whole pages) from this process's resident set;
+        where the next release starts. Fusing and un-permuting copied some matrices out of the
+        map, whose source pages would otherwise stay counted (RSS ~1.3x the file); the model
+        builds a layer when its last tensor arrives, before the next is reached. Pages still in
+        use fault back in from the page cache."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return start
+        first, end = start // mmap.PAGESIZE * mmap.PAGESIZE, stop // mmap.PAGESIZE * mmap.PAGESIZE
+        if end <= first:
+            return start
+        self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
+        return end
 
 
 def load_gguf(path: str | Path, with_tokenizer: bool = True) -> GGUFCheckpoint:
@@ -247,7 +260,9 @@ def _plan(tensor: Any, arch: str, config: ModelConfig, file_map: mmap.mmap) -> _
         heads = config.num_kv_heads
     offset = _GEMMA_NORM_OFFSET if arch in _GEMMA and tensor.name.endswith("norm.weight") else 0.0
     data = np.frombuffer(file_map, np.uint8, count=tensor.n_bytes, offset=tensor.data_offset)
-    return _Tensor(hf_name, data, tensor.tensor_type, shape, heads, offset, experts)
+    return _Tensor(
+        hf_name, data, tensor.tensor_type, shape, heads, offset, experts, int(tensor.data_offset)
+    )
 
 
 def _hf_name(name: str, arch: str, num_layers: int) -> str:
