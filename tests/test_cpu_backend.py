@@ -66,23 +66,29 @@ def test_weights_stay_in_the_files_bytes(both):
 
 
 RSS_SCRIPT = """
-import json, os, resource, sys
+import json, sys
+
+def rss(key):
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status[key].split()[0]) * 1024
+
+import nanovllm.backends.cpu  # the interpreter, NumPy, numba and LLVM, before any model
+base = rss("VmRSS")
 from nanovllm.models import load_model
 model = load_model(sys.argv[1], device="cpu", max_model_len=512)
 ids = model.tokenizer.encode("def quicksort(items):")
 model.greedy(ids, 16)  # touches every weight
-if os.path.exists("/proc/self/status"):  # Linux keeps ru_maxrss across exec: the parent's peak
-    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    peak = int(status["VmHWM"].split()[0]) * 1024
-else:  # macOS: bytes
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 cfg = model.config
 kv = 2 * cfg.num_layers * 512 * cfg.num_kv_heads * cfg.head_dim * 4
-print(json.dumps({"peak_rss": peak, "kv": kv}))
+print(json.dumps({"peak_rss": rss("VmHWM"), "base_rss": base, "kv": kv}))
 """
 
 
 def test_qwen_peak_resident_memory_stays_within_1_3x_the_file_plus_kv_cache():
+    """What a 491 MB Q4_K_M file costs to serve: the peak resident set above the process before
+    the model (interpreter, NumPy, numba and LLVM: ~170 MB that any model shares) within 1.3x
+    the file plus the KV cache, and the whole process within issue 17's ~0.8 GB (float32
+    weights took 3.1 GB)."""
     path = str(demo_model_path("qwen2.5-coder-demo"))
     # The first run compiles the kernels for Qwen's formats (LLVM's memory counts in its peak)
     # and caches them on disk; the second measures what serving the model takes.
@@ -94,7 +100,9 @@ def test_qwen_peak_resident_memory_stays_within_1_3x_the_file_plus_kv_cache():
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     first, measured = runs
     budget = 1.3 * (os.path.getsize(path) + measured["kv"])
-    peak = measured["peak_rss"]
-    print(f"Qwen2.5-Coder on cpu: peak RSS {peak / 1e6:.0f} MB (compiling: "
-          f"{first['peak_rss'] / 1e6:.0f} MB), budget {budget / 1e6:.0f} MB")  # fmt: skip
-    assert peak <= budget
+    peak, base = measured["peak_rss"], measured["base_rss"]
+    print(f"Qwen2.5-Coder on cpu: peak RSS {peak / 1e6:.0f} MB, {base / 1e6:.0f} MB before the "
+          f"model, {first['peak_rss'] / 1e6:.0f} MB while compiling; budget above the base "
+          f"{budget / 1e6:.0f} MB")  # fmt: skip
+    assert peak - base <= budget
+    assert peak <= 0.8e9

@@ -522,3 +522,28 @@ def test_a_folder_holding_one_gguf_file_loads_it(tmp_path):
         load_checkpoint(str(folder))
     with pytest.raises(ModelLoadError, match=r"no config.json and no .gguf file"):
         load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["smollm2-demo", "qwen2.5-coder-demo"])
+def test_the_header_reader_reads_what_ggufs_reader_reads(name):
+    import mmap
+
+    from nanovllm.models.gguf_file import read_header
+
+    path = demo_model_path(name)
+    reader = gguf.GGUFReader(path)
+    with open(path, "rb") as f:
+        file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    meta, tensors = read_header(file_map)
+    want = {
+        key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
+    }
+    assert meta == want
+    assert len(meta["tokenizer.ggml.tokens"]) > 40_000  # the vocabulary is in it
+    assert list(tensors) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        ours = tensors[t.name]
+        assert (ours.tensor_type, ours.shape, ours.n_bytes, ours.data_offset) == (
+            t.tensor_type, tuple(int(n) for n in t.shape), t.n_bytes, t.data_offset
+        )  # fmt: skip
+        assert ours.data.tobytes() == t.data.view(np.uint8).tobytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import mmap
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import gguf
 import numpy as np
 
 from nanovllm.errors import ModelLoadError
+from nanovllm.models.gguf_file import TensorInfo, read_header
 from nanovllm.models.gguf_tokenizer import build_tokenizer, end_of_generation_ids
 from nanovllm.models.model_config import FULL, SLIDING, ModelConfig
 from nanovllm.models.quantized import (
@@ -213,28 +215,31 @@ def _unpermute_order(rows: int, n_heads: int) -> np.ndarray:
     return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], mmap.mmap]:
-    """(metadata, tensors by GGUF name, the file mapped read-only). The reader itself is dropped,
-    since its parsed vocabulary fields take far more memory than the views into the file we keep;
-    tensors are read through our own map, whose pages we can release."""
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], mmap.mmap]:
+    """(metadata, tensors by GGUF name, the file mapped read-only). Tensors are read through
+    this map, whose pages the load releases."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(
-            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
-        )
-    try:
-        reader = gguf.GGUFReader(path)
-        meta = {name: f.contents() for name, f in reader.fields.items()}
-        tensors = {t.name: t for t in reader.tensors}
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as exc:
-        raise ModelLoadError(
-            f"{path} is truncated or corrupt: the GGUF reader failed with: {exc}"
-        ) from None
-    with open(path, "rb") as f:
+        if magic != b"GGUF":
+            raise ModelLoadError(
+                f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
+            )
         file_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        meta, tensors = read_header(file_map)
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        UnicodeDecodeError,
+        OverflowError,
+        struct.error,
+    ) as exc:
+        raise ModelLoadError(
+            f"{path} is truncated or corrupt: reading its header failed: {exc}"
+        ) from None
     return meta, tensors, file_map
 
 
