@@ -179,6 +179,8 @@ class LLMEngine:
             if request.params.n > 1:  # its samples follow the first, whose prompt is cached now
                 for _ in range(len(request.seqs), request.params.n):
                     self._spawn(request)
+        if failed:  # a sibling sample may have run this step: one output per request
+            touched = [r for r in touched if all(r is not f for f in failed)]
         return [self.processor.output(request) for request in failed + touched]
 
     def _resolve_grammars(self) -> list[Request]:
