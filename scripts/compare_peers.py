@@ -36,6 +36,7 @@ Usage: python scripts/compare_peers.py --model smollm2-demo --threads 2 --repeat
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import statistics
@@ -141,6 +142,8 @@ class LlamaServer:
              "-np", str(slots), "-c", str(context), "--port", str(self.port), "-ngl", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        # Ended with the worker: a server left running would take CPU from every later run.
+        atexit.register(self.stop)
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -150,6 +153,13 @@ class LlamaServer:
             except OSError:
                 time.sleep(0.5)
         raise SystemExit("llama-server did not start within 300 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
     def run(self, prompts, outputs) -> int:
         counts = [0] * len(prompts)

@@ -24,6 +24,15 @@ from tokenizers.trainers import BpeTrainer
 
 from nanovllm.demo import cache_dir, demo_model_path
 
+# The 64-token text of the real-model parity tests (test_smollm2.py, test_cpu_backend.py).
+PARITY_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+    "Within fifty years, presses were running in more than two hundred cities across Europe, "
+    "and the price of a book fell so far that ordinary merchants, students and priests could own "
+    "several; pamphlets, calendars and news sheets followed."
+)
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -48,3 +48,17 @@ def test_the_same_weights_run_in_float32(checkpoint_factory):
         [prompt_ids(6)], PARAMS, use_tqdm=False
     )
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+
+
+def test_a_nan_weight_in_float32_is_reported_with_its_layer(checkpoint_factory, monkeypatch):
+    # float32 checks the hidden rows the logits come from; a NaN there is a NaN in the logits.
+    path = str(checkpoint_factory("llama3"))
+    sampled = []
+    monkeypatch.setattr(Sampler, "verify", lambda self, *a: sampled.append(a) or [])
+    llm = LLM(path, device="cpu-reference", num_blocks=32, block_size=4)
+    llm.engine.runner.model.layers[1].mlp.down[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogitsError) as error:
+        llm.generate([prompt_ids(6)], PARAMS, use_tqdm=False)
+    assert "in 1 of 1 rows" in str(error.value)
+    assert "after model.layers.1 (of 2 layers)" in str(error.value)
+    assert sampled == []

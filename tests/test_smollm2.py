@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _text_fixtures import PARITY_TEXT as TEXT
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.demo import demo_model_path
 from nanovllm.models import load_model
-
-TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-    "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
-    "Within fifty years, presses were running in more than two hundred cities across Europe, "
-    "and the price of a book fell so far that ordinary merchants, students and priests could own "
-    "several; pamphlets, calendars and news sheets followed."
-)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ class NullModel:
         self.table = rng.standard_normal((4096, config.vocab_size), dtype=np.float32)
 
     def forward(self, input_ids, positions, meta, kv_caches):
-        return np.arange(len(input_ids)) % len(self.table)
+        return np.zeros((len(input_ids), 1), dtype=np.float32)  # float32 rows, as a model's
 
     def compute_logits(self, rows):
         return self.table[: len(rows)]  # a view: producing logits is the model's cost, not ours

@@ -59,6 +59,7 @@ class TensorParallelRunner(ModelRunner):
     def _eager(self, items: list[ForwardItem]):
         inputs = prepare(items, self.block_size)
         logits = self.backend.asarray(self.ranks.execute(inputs, self.block_size))
+        self._guard(items, logits, logits)
         return logits, [[] for _ in items]
 
 
