@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +24,10 @@ def tiny_model(folder: Path) -> Path:
 def start_server(
     model: Path, flags: list[str], log: Path, timeout_s: float = 120.0
 ) -> tuple[subprocess.Popen, str]:
-    """A server on a port of its own, once /health answers; its output goes to log."""
-    port = 18000 + os.getpid() % 1000
+    """A server on a free port, once /health answers; its output goes to log."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     command = [sys.executable, "-m", "nanovllm.server.cli", "--model", str(model), "--device",
                "cpu", "--host", "127.0.0.1", "--port", str(port), *flags]  # fmt: skip
     proc = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import _local_server
 
 from nanovllm.tui.app import TopApp
 from nanovllm.tui.client import Client
@@ -85,32 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "nanovllm.server.cli", "--model", args.model,
-               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-               "--num-blocks", str(args.num_blocks), "--max-requests", "4",
-               "--log-interval", "3600"]  # fmt: skip
+    flags = ["--num-blocks", str(args.num_blocks), "--max-requests", "4", "--log-interval", "3600"]
     if args.draft_model:
-        command += ["--draft-model", args.draft_model]
+        flags += ["--draft-model", args.draft_model]
     if args.ngram:
-        command += ["--speculative-method", "ngram"]
+        flags += ["--speculative-method", "ngram"]
     if args.api_key:
-        command += ["--api-key", args.api_key]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    log.seek(0)
-    sys.exit(f"the server did not come up:\n{log.read().decode(errors='replace')}")
+        flags += ["--api-key", args.api_key]
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    return _local_server.start_server(Path(args.model), flags, log, START_TIMEOUT_S)
 
 
 def warm_up(url: str, api_key: str | None) -> None:

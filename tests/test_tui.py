@@ -11,6 +11,7 @@ moving. Once the load stops, a direct scrape of the idle server must match too.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -35,6 +36,9 @@ from nanovllm.tui.widgets import BLOCK_GLYPHS, BlockMap, HelpScreen, format_dura
 KEY = "tui-test-key"
 K = 3  # speculative tokens
 ROOT = Path(__file__).resolve().parent.parent
+# `python scripts/x.py` puts scripts/ on sys.path (its helpers are imported from there); the
+# tests' PYTHONSAFEPATH (conftest.py) would keep it off.
+AS_RUN_BY_HAND = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
 SIZE = (100, 30)
 WAIT_S = 30.0  # the bound on every wait for a poll or the server
 PREFIX = "A paged KV cache stores keys and values in fixed-size blocks. "
@@ -316,7 +320,7 @@ def test_screenshot_script_writes_an_svg_of_the_busy_dashboard(server, tmp_path)
     result = subprocess.run(
         [sys.executable, str(script), "--url", server.url, "--api-key", KEY, "--output",
          str(output), "--polls", "3", "--interval", "0.2", "--clients", "3"],
-        capture_output=True, text=True, timeout=90,
+        capture_output=True, text=True, timeout=90, env=AS_RUN_BY_HAND,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("wrote"), result.stdout  # running requests were on screen

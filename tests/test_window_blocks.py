@@ -68,3 +68,16 @@ def test_windowed_sequences_batched_with_shared_prefixes_and_preemption_stay_exa
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_a_draft_model_that_catches_up_later_keeps_the_blocks_it_has_not_read(mistral):
+    # The draft runs only when the target decodes, from where it stopped: after a prompt
+    # prefilled in chunks it reads the whole prompt, so nothing below its own next query may be
+    # released. The draft is the target itself: every guess is accepted.
+    llm = small_cache_llm(mistral, draft_model=mistral, num_speculative_tokens=2)
+    prompt, new_tokens = prompt_ids(20), 24  # chunks of 16 and 4 tokens before the first decode
+    out = llm.generate([prompt], SamplingParams(max_tokens=new_tokens, **GREEDY), use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == load_model(mistral).greedy(prompt, new_tokens)
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    assert stats.spec.num_accepted_tokens == stats.spec.num_draft_tokens > 0

@@ -129,7 +129,8 @@ def assemble(config: EngineConfig, info: ModelInfo, backend: Backend, models: Mo
     loaded = [models.target] + ([models.draft] if models.draft else [])
     num_blocks = num_kv_blocks(config, backend, configs, loaded)
     window = attention_window(configs)
-    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, window)
+    fit_window = 0 if models.draft else window  # a draft catches up on whole prompts at once
+    info.max_model_len = _fit_length(config, info.max_model_len, num_blocks, fit_window)
     eos = info.eos_token_ids
     k = num_speculative_slots(config)
     runner = ModelRunner(

@@ -37,6 +37,9 @@ class Scheduler:
         # > 0: every layer attends to at most this many positions, so blocks wholly before a
         # sequence's window go back to the pool as it advances.
         self.attention_window = attention_window
+        # A draft model shares the block tables and catches up only when the target decodes,
+        # from seq.draft_computed: its next query may sit far behind the target's.
+        self.draft_lags = config.speculative_method == "draft"
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -69,8 +72,12 @@ class Scheduler:
             if len(seq.block_table) > manager.blocks_needed(seq.num_tokens):
                 manager.trim(seq, seq.num_tokens)  # slots of rejected guesses
             if self.attention_window:
-                # The next query sits at num_computed_tokens and sees window - 1 positions back.
-                manager.release_before(seq, seq.num_computed_tokens - self.attention_window + 1)
+                # The next query sits at num_computed_tokens (the draft's at draft_computed) and
+                # sees window - 1 positions back.
+                first = seq.num_computed_tokens
+                if self.draft_lags:
+                    first = min(first, seq.draft_computed)
+                manager.release_before(seq, first - self.attention_window + 1)
 
     def spec_slots(self, seq: Sequence) -> int:
         """Speculative slots for a decoding seq: no more than it may still generate or fit."""
