@@ -355,3 +355,15 @@ def test_the_cuda_backend_masks_the_logits_on_the_device_as_the_cpu_does(model_p
     outputs = gpu.generate(prompts, params, use_tqdm=False)
     assert gpu.engine.stats().masks.num_rows >= 10
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in cpu]
+
+
+def test_a_request_whose_first_sample_is_refused_spawns_no_more_samples(llm):
+    tok = train_tokenizer()
+    letters = [tok.token_to_id(c) for c in "abc"]  # the grammar wants digits only
+    params = SamplingParams(n=3, max_tokens=8, temperature=0.0, allowed_token_ids=letters,
+                            structured_outputs=StructuredOutputsParams(regex="[0-9]+"))  # fmt: skip
+    before = llm.engine.stats().num_finished_requests
+    (result,) = llm.generate([prompt_ids(6)], params, use_tqdm=False)
+    assert [o.finish_reason for o in result.outputs] == ["error"]  # one sample, ended at once
+    assert llm.engine.stats().num_finished_requests == before + 1
+    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks

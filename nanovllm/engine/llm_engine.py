@@ -176,7 +176,8 @@ class LLMEngine:
         for request in self.processor.finished:
             self.requests.pop(request.request_id, None)
         for request in self.processor.first_sampled:
-            if request.params.n > 1:  # its samples follow the first, whose prompt is cached now
+            # Its samples follow the first, whose prompt is cached now (unless the first failed).
+            if request.params.n > 1 and not request.is_finished:
                 for _ in range(len(request.seqs), request.params.n):
                     self._spawn(request)
         if failed:  # a sibling sample may have run this step: one output per request
