@@ -89,3 +89,36 @@ def _name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def test_a_start_up_wait_ends_in_one_line_for_a_deadline_or_a_dead_actor():
+    import ray
+
+    from nanovllm.distributed.ray_runtime import get_within
+    from nanovllm.errors import NanovllmError
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="test_get_within")
+    try:
+
+        @ray.remote
+        class Broken:
+            def __init__(self):
+                raise ValueError("checkpoint model.gguf is truncated")
+
+            def ping(self):
+                return 1
+
+        @ray.remote
+        def slow():
+            time.sleep(30)
+
+        with pytest.raises(NanovllmError, match=r"^no answer in time$"):
+            get_within(ray, slow.remote(), 0.5, "no answer in time", "unused")
+        with pytest.raises(NanovllmError) as error:
+            get_within(ray, Broken.remote().ping.remote(), 60, "unused", "a rank failed to start")
+        assert (
+            str(error.value)
+            == "a rank failed to start: ValueError: checkpoint model.gguf is truncated"
+        )
+    finally:
+        ray.shutdown()

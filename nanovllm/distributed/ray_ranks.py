@@ -105,10 +105,10 @@ class RayRanks:
         return self.ray.get([a.execute.remote(shared, block_size) for a in self.actors])[0]
 
     def _get(self, refs: Any, what: str) -> Any:
-        try:
-            return self.ray.get(refs, timeout=START_TIMEOUT_S)
-        except self.ray.exceptions.GetTimeoutError:
-            raise RuntimeError(
-                f"tensor-parallel start-up: no {what} within {START_TIMEOUT_S:.0f} s (does the "
-                "Ray cluster have enough GPUs on one node?)"
-            ) from None
+        late = (
+            f"tensor-parallel start-up: no {what} within {START_TIMEOUT_S:.0f} s (does the Ray "
+            "cluster have enough GPUs on one node?)"
+        )
+        return ray_runtime.get_within(
+            self.ray, refs, START_TIMEOUT_S, late, "a rank failed to start"
+        )

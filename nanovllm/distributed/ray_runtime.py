@@ -65,3 +65,23 @@ def _resources(resources: dict) -> str:
     shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or k.startswith("node:")}
     nodes = sum(1 for k in shown if k.startswith("node:") and not k.startswith("node:__"))
     return f"{nodes} node(s), {shown.get('CPU', 0):g} CPUs, {shown.get('GPU', 0):g} GPUs"
+
+
+def get_within(ray: Any, refs: Any, timeout_s: float, late: str, failed: str) -> Any:
+    """ray.get with a deadline: NanovllmError(late) when it passes, and NanovllmError(failed:
+    the cause's line) when an actor died (a creation task that raised, a process killed)."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise NanovllmError(late) from None
+    except ray.exceptions.RayActorError as e:
+        raise NanovllmError(f"{failed}: {cause(e)}") from None
+
+
+def cause(error: Exception) -> str:
+    """The line that says what happened, without Ray's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):  # a creation task's own exception comes last
+        if ": " in line and not line.startswith(("File ", "Traceback")):
+            return line[:300]
+    return (lines[0] if lines else type(error).__name__)[:300]

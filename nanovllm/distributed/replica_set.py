@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.config import EngineConfig
+from nanovllm.distributed import ray_runtime
+from nanovllm.distributed.ray_runtime import cause
 from nanovllm.distributed.replica import EngineReplica, ReplicaState, state_json
 from nanovllm.engine.stats import EngineStats
 from nanovllm.errors import NanovllmError
@@ -94,15 +96,13 @@ class ReplicaSet:
         logger.info("%d replicas up: %s", options.size, ", ".join(f"{s.pid}@{s.node}" for s in states))  # fmt: skip
 
     def _wait(self, refs: list, what: str) -> list:
-        try:
-            return self.ray.get(refs, timeout=START_TIMEOUT_S)
-        except self.ray.exceptions.GetTimeoutError:
-            raise NanovllmError(
-                f"the replicas did not {what} within {START_TIMEOUT_S:.0f} s (is the Ray cluster "
-                "short of the CPUs or GPUs they ask for?)"
-            ) from None
-        except self.ray.exceptions.RayActorError as e:
-            raise NanovllmError(f"a replica failed to start: {cause(e)}") from None
+        late = (
+            f"the replicas did not {what} within {START_TIMEOUT_S:.0f} s (is the Ray cluster "
+            "short of the CPUs or GPUs they ask for?)"
+        )
+        return ray_runtime.get_within(
+            self.ray, refs, START_TIMEOUT_S, late, "a replica failed to start"
+        )
 
     # ---- health (on the client's event loop) -------------------------------------------------
     async def watch(self, replica: ReplicaHandle) -> None:
@@ -199,12 +199,3 @@ def replica_resources(config: EngineConfig, size: int, cluster: dict) -> dict:
     threads = str(cpus // size)
     env = {name: os.environ.get(name, threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}  # fmt: skip
     return {"num_cpus": cpus // size, "runtime_env": {"env_vars": env}}
-
-
-def cause(error: Exception) -> str:
-    """The line that says what happened, without Ray's traceback."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):  # a creation task's own exception comes last
-        if ": " in line and not line.startswith(("File ", "Traceback")):
-            return line[:300]
-    return (lines[0] if lines else type(error).__name__)[:300]
