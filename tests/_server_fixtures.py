@@ -43,9 +43,9 @@ class ServerProcess:
         kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
         return requests.post(self.url + path, **kwargs)
 
-    def client(self, api_key: str = "none") -> openai.OpenAI:
+    def client(self, api_key: str = "none", timeout: float = REQUEST_TIMEOUT_S) -> openai.OpenAI:
         return openai.OpenAI(
-            base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=REQUEST_TIMEOUT_S
+            base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout
         )
 
     def metrics(self) -> dict[tuple[str, tuple], float]:

@@ -15,7 +15,7 @@ import gguf
 import numba
 import numpy as np
 import pytest
-from _gguf_reference import random_matrix_bytes
+from _gguf_reference import HALF_FIELDS, random_blocks, random_matrix_bytes
 
 from nanovllm.backends import cpu as cpu_backend
 from nanovllm.backends.base import AttentionMetadata
@@ -97,10 +97,16 @@ def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend):
 def test_float_weights_and_formats_without_a_kernel_become_float32_rows(backend):
     dense = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
     assert backend.weight(dense).parts[0].kernels is FORMATS[Q.F32]
-    q3 = QuantizedTensor(Q.Q3_K, (4, 256), np.zeros((4, 110), np.uint8))  # no kernel for Q3_K
+    # No kernel for Q3_K: random valid blocks (finite scales), so a widening that lost or mixed
+    # up rows would not match gguf's values.
+    _, block_bytes, halves = HALF_FIELDS["Q3_K"]
+    blocks = random_blocks(np.random.default_rng(1), 4, block_bytes, halves).reshape(4, 110)
+    q3 = QuantizedTensor(Q.Q3_K, (4, 256), blocks)
     part = backend.weight(q3).parts[0]
-    assert part.kernels is FORMATS[Q.F32]
-    np.testing.assert_array_equal(part.data, gguf_values(q3))
+    assert part.kernels is FORMATS[Q.F32] and part.data.dtype == np.float32
+    want = gguf_values(q3)
+    assert np.abs(want).max() > 0 and len({row.tobytes() for row in want}) == 4
+    np.testing.assert_array_equal(part.data, want)
 
 
 # ---- ops against the reference backend --------------------------------------------------------
