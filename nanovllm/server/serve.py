@@ -122,17 +122,11 @@ def build_state(
     engine = getattr(client, "engine", None)
     check_constraint = engine.structured.validate if isinstance(engine, LLMEngine) else None
 
-    def render_chat(messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        # kwargs: `tools` and the request's chat_template_kwargs
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-
     protocol = ProtocolContext(
         defaults=facts.default_params.clone(**sampling_overrides),
         model_name=model_name,
         accepted_names=frozenset({model_name, facts.model}),
-        render_chat=render_chat,
+        render_chat=tokenizer.apply_chat_template,  # tools, chat_template_kwargs as keywords
         vocab_size=tokenizer.vocab_size,
         tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None,
         reasoning_parser=reasoning_parser,
