@@ -64,7 +64,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "core)")  # fmt: skip
     g.add_argument("--quantization", choices=QUANTIZATIONS, default=DEFAULTS["quantization"],
                    help="auto: GGUF weights stay quantized in memory (about the file's size) "
-                   "where the device has kernels for them; none: dequantize them at load")  # fmt: skip
+                   "where the device has kernels for them; none: dequantize them at load; "
+                   "q8-activations (cpu): auto, and decode matmuls round their inputs to Q8_0 "
+                   "blocks for integer dot products, as llama.cpp does (faster; logits move by "
+                   "up to ~1)")  # fmt: skip
     g.add_argument(
         "--num-blocks",
         type=_blocks,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cpu-reference", "cuda", "cuda-emulated")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-QUANTIZATIONS = ("auto", "none")
+QUANTIZATIONS = ("auto", "none", "q8-activations")
 
 
 @dataclass(slots=True)
@@ -16,7 +16,9 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     # "auto": quantized weights (GGUF blocks) stay as stored where the backend has kernels for
-    # them; "none": every weight is dequantized to the compute dtype at load.
+    # them; "none": every weight is dequantized to the compute dtype at load; "q8-activations"
+    # (the cpu backend): as "auto", and decode matmuls on Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 weights round
+    # their input rows to Q8_0 blocks and use integer dot products, as llama.cpp does.
     quantization: str = "auto"
     block_size: int = 16
     num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory

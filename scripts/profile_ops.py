@@ -3,6 +3,7 @@ over greedy tokens of one sequence after a warm-up.
 
 Usage: NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python scripts/profile_ops.py \\
            [--device cpu|cpu-reference] [--model smollm2-demo] [--tokens 24] [--clock cpu|wall]
+           [--quantization auto|q8-activations]
 
 `--clock cpu` (process CPU time) is the figure to trust on a shared machine with one thread;
 `--clock wall` is what a user sees, and the one to use for several threads.
@@ -24,13 +25,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2-demo")
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--quantization", default="auto", help="auto, none or q8-activations")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     from nanovllm.models import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, quantization=args.quantization)
     spent: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for name in OPS:

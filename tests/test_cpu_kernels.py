@@ -50,6 +50,11 @@ def backend() -> CPUBackend:
 
 
 @pytest.fixture(scope="module")
+def q8_backend() -> CPUBackend:
+    return CPUBackend(num_threads=2, quantization="q8-activations")
+
+
+@pytest.fixture(scope="module")
 def reference() -> ReferenceBackend:
     return ReferenceBackend()
 
@@ -63,10 +68,12 @@ def test_embedding_rows_equal_gguf_dequantization_bit_for_bit(backend, qtype):
     np.testing.assert_array_equal(got.view(np.uint32), gguf_values(weight)[ids].view(np.uint32))
 
 
+@pytest.mark.parametrize("mode", ["auto", "q8-activations"])
 @pytest.mark.parametrize("qtype", KERNEL_FORMATS, ids=lambda q: q.name)
-def test_linear_equals_numpy_on_dequantized_weights(backend, qtype, monkeypatch):
+def test_linear_equals_numpy_on_dequantized_weights(backend, q8_backend, qtype, mode, monkeypatch):
     # A tile of 300 values: the batched path dequantizes the 37 rows in several uneven tiles.
     monkeypatch.setattr(cpu_backend, "TILE_VALUES", 300)
+    backend = q8_backend if mode == "q8-activations" else backend
     cols = columns(qtype)
     weight = stored(qtype.name, ROWS, cols)
     prepared = backend.weight(weight)
@@ -74,13 +81,26 @@ def test_linear_equals_numpy_on_dequantized_weights(backend, qtype, monkeypatch)
     rng = np.random.default_rng(1)
     for rows in (1, 2, 3, 8, 17, 64):
         x = rng.normal(size=(rows, cols)).astype(np.float32)
-        want = x.astype(np.float64) @ values.T
+        seen = activations_as_read(backend, qtype, x)
+        want = seen.astype(np.float64) @ values.T
         got = backend.linear(x, prepared)
-        scale = np.abs(x).astype(np.float64) @ np.abs(values).T  # a bound on float32 rounding
+        scale = np.abs(seen).astype(np.float64) @ np.abs(values).T  # a bound on float32 rounding
         assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), (qtype.name, rows)
 
 
-def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend):
+def activations_as_read(backend: CPUBackend, qtype: Q, x: np.ndarray) -> np.ndarray:
+    """x as the backend's matmul reads it: with q8-activations, decode rows for a weight with
+    integer dot products in Q8_0 blocks, rounded by the `gguf` package (llama.cpp's
+    activations); else as it is."""
+    kernel_rows = len(x) <= cpu_backend.MAX_KERNEL_ROWS
+    if not (backend.q8_activations and kernel_rows and FORMATS[qtype].int8 is not None):
+        return x
+    return gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
+
+
+@pytest.mark.parametrize("mode", ["auto", "q8-activations"])
+def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend, q8_backend, mode):
+    backend = q8_backend if mode == "q8-activations" else backend
     q, k, v = stored("Q5_0", 20, 64, 0), stored("Q5_0", 6, 64, 1), stored("Q8_0", 6, 64, 2)
     prepared = backend.weight(concat_rows([q, k, v]))
     assert [p.kernels for p in prepared.parts] == [FORMATS[Q.Q5_0], FORMATS[Q.Q8_0]]
@@ -89,8 +109,9 @@ def test_a_fused_weight_of_mixed_types_runs_each_part_into_its_columns(backend):
     values = np.concatenate([gguf_values(t) for t in (q, k, v)])
     x = np.random.default_rng(3).normal(size=(3, 64)).astype(np.float32)
     bias = np.arange(32, dtype=np.float32)
+    seen = activations_as_read(backend, Q.Q8_0, x)  # both types read the same rows
     np.testing.assert_allclose(
-        backend.linear(x, prepared, bias), x @ values.T + bias, rtol=1e-5, atol=1e-5
+        backend.linear(x, prepared, bias), seen @ values.T + bias, rtol=1e-5, atol=1e-5
     )
 
 

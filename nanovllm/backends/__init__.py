@@ -36,8 +36,13 @@ def get_backend(
     """The backend for a device. num_threads: CPU threads of the compiled kernels and of BLAS
     (None: the default of nanovllm/backends/cpu.py); ignored on a GPU. quantization "auto"
     keeps quantized weights (GGUF blocks) in their stored form where the backend has kernels
-    for them, "none" dequantizes every weight at load (the reference backend always does)."""
+    for them, "none" dequantizes every weight at load (the reference backend always does),
+    "q8-activations" (cpu only) also rounds decode matmuls' inputs to Q8_0 blocks."""
     device = resolve_device(device)
+    if quantization == "q8-activations" and device != "cpu":
+        raise NanovllmError(
+            f"--quantization q8-activations is a mode of the cpu backend, not of {device}"
+        )
     if device in ("cpu", "cpu-reference"):
         if dtype not in ("auto", "float32"):
             raise NanovllmError(

@@ -6,8 +6,12 @@ as they are (memory ~ the file) and runs them through nanovllm/backends/cpu_quan
 of the step through nanovllm/backends/cpu_ops.py. Tests check each kernel against the reference.
 
 Matmuls pick their path by batch rows: up to MAX_KERNEL_ROWS rows (decode) the quantized kernel
-reads each weight byte once per step; above (prefill), tiles of weight rows are dequantized into
-a reused float32 buffer and multiplied with BLAS, whose cost the many rows amortize.
+reads each weight byte once per step, in float32 (cpu_quant.py), or with `--quantization
+q8-activations` for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights with the activation rows rounded to
+Q8_0 blocks and integer dot products (cpu_int8.py, llama.cpp's arithmetic: about 2x faster, and
+logits that differ from float32's by up to ~1); above (prefill), tiles of weight rows are
+dequantized into a reused float32 buffer and multiplied with BLAS, whose cost the many rows
+amortize.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from nanovllm.backends import cpu_ops
 from nanovllm.backends.base import AttentionMetadata
+from nanovllm.backends.cpu_int8 import QuantizedRows
 from nanovllm.backends.cpu_jit import ThreadControl
 from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format, Q
 from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_attention
@@ -55,6 +60,18 @@ class CPUWeight:
         return sum(p.nbytes for p in self.parts)
 
 
+@dataclass(frozen=True, slots=True)
+class _AttentionPlan:
+    """One step's attention work: kernel rows (short query runs) and long runs (prefill)."""
+
+    meta: AttentionMetadata
+    rows: np.ndarray  # flat-batch rows of the sequences with <= MAX_KERNEL_QUERIES queries
+    long: np.ndarray  # sequences with more
+    block_tables: np.ndarray
+    query_start: np.ndarray
+    context_lens: np.ndarray
+
+
 class CPUBackend(ReferenceBackend):
     name = "cpu"
 
@@ -62,7 +79,9 @@ class CPUBackend(ReferenceBackend):
         super().__init__(np.float32)
         self.threads = ThreadControl(num_threads)
         self.dequantize_at_load = quantization == "none"  # float32 rows, as cpu-reference has
+        self.q8_activations = quantization == "q8-activations"  # llama.cpp's decode arithmetic
         self._tile: np.ndarray | None = None
+        self._plan: _AttentionPlan | None = None
 
     # ---- weights -----------------------------------------------------------------------------
     def weight(self, tensor: np.ndarray | Weight) -> CPUWeight:
@@ -93,12 +112,16 @@ class CPUBackend(ReferenceBackend):
             return super().linear(x, weight, bias)
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        quantized = None  # x in Q8_0 blocks, made once for the parts that take it
         for part, column in zip(weight.parts, weight.columns, strict=True):
-            if x.shape[0] <= MAX_KERNEL_ROWS:
-                chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
-                part.kernels.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
-            else:
+            chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
+            if x.shape[0] > MAX_KERNEL_ROWS:
                 self._tiled_matmul(part, x, out, column)
+            elif self.q8_activations and part.kernels.int8 is not None:
+                quantized = quantized or QuantizedRows(x)
+                quantized.matmul(part.kernels.int8, part.data, out, column, chunks)
+            else:
+                part.kernels.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
         if bias is not None:
             out += bias
         return out
@@ -141,23 +164,36 @@ class CPUBackend(ReferenceBackend):
         the kernel's per-query dot products there (docs/benchmarks.md)."""
         self.threads.apply()
         out = np.empty(q.shape, dtype=np.float32)
-        starts, lengths = meta.query_start_host, meta.query_lens_host
-        long = np.flatnonzero(lengths > MAX_KERNEL_QUERIES)
-        short = np.flatnonzero(lengths <= MAX_KERNEL_QUERIES)
-        if len(short):
-            rows = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in short])
+        plan = self._attention_plan(meta)
+        if plan.rows.size:
             cpu_ops.paged_attention(
-                out, q, k_cache, v_cache,
+                out, q, k_cache, v_cache, plan.block_tables, plan.query_start, plan.context_lens,
+                np.float32(scale), int(window), np.float32(soft_cap), plan.rows,
+            )  # fmt: skip
+        if len(plan.long):
+            scores = Scores(scale, window, soft_cap)
+            starts = meta.query_start_host
+            for b in plan.long:
+                rows = slice(starts[b], starts[b + 1])
+                out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scores)
+        return out
+
+    def _attention_plan(self, meta: AttentionMetadata) -> _AttentionPlan:
+        """The kernel's arguments for a step, made at its first layer and reused by the others
+        (they were ~25 us of NumPy calls per layer)."""
+        if self._plan is None or self._plan.meta is not meta:
+            starts, lengths = meta.query_start_host, meta.query_lens_host
+            short = np.flatnonzero(lengths <= MAX_KERNEL_QUERIES)
+            rows = [np.arange(starts[b], starts[b + 1]) for b in short]
+            self._plan = _AttentionPlan(
+                meta,
+                np.concatenate(rows) if rows else np.empty(0, np.int64),
+                np.flatnonzero(lengths > MAX_KERNEL_QUERIES),
                 np.asarray(meta.block_tables_host, dtype=np.int32),
                 np.asarray(starts, dtype=np.int32),
                 np.asarray(meta.context_lens_host, dtype=np.int32),
-                np.float32(scale), int(window), np.float32(soft_cap), rows,
-            )  # fmt: skip
-        scores = Scores(scale, window, soft_cap)
-        for b in long:
-            rows = slice(starts[b], starts[b + 1])
-            out[rows] = prefill_attention(q[rows], k_cache, v_cache, meta, b, scores)
-        return out
+            )
+        return self._plan
 
     # ---- helpers -----------------------------------------------------------------------------
     def _tiled_matmul(self, part: Matrix, x: np.ndarray, out: np.ndarray, column: int) -> None:

@@ -51,11 +51,15 @@ _location = cache_location(Path(__file__).parent, _is_writable)
 if _location is not None:
     numba.config.CACHE_DIR = str(_location)
 
-# OpenMP workers that spin between parallel regions starve everything else on a busy machine:
-# with two cores shared with other work, GNU OpenMP's default spinning made a SmolLM2 decode step
-# 5.8x slower than one thread, a spin count of 10000 2.6x; sleeping workers (passive) matched one
-# thread there (docs/benchmarks.md). Read when numba first starts its OpenMP pool, so set here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP workers wait for the next parallel region by spinning for a while, then sleeping. A
+# decode token runs ~150 regions a few microseconds apart: workers that sleep at once (passive)
+# pay a ~58 us wake-up per region (a SmolLM2 token took 33.0 ms with two threads, more than with
+# one), workers that never sleep take a core from everything else on a busy machine. A bounded
+# spin (~0.6 ms here) keeps them awake through a step and asleep between steps (docs/
+# benchmarks.md, "Threads"). Read when numba first starts its OpenMP pool, so set here; an
+# explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 
 def kernel(parallel: bool = False, exact: bool = False):

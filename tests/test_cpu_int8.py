@@ -1,0 +1,116 @@
+"""The integer dot products of the cpu backend's decode matmuls (nanovllm/backends/cpu_int8.py)
+against the `gguf` package: activation rows quantized to Q8_0 bit for bit as
+`gguf.quants.quantize` does, and each weight row's dot products with them equal to float64
+products of both sides' gguf-dequantized values, for every format with an integer kernel, on
+each code path the CPU may take (512-bit VNNI, 256-bit VNNI, no VNNI), with block counts that
+are odd (the 512-bit loop's last block) and activation row counts that are not multiples of 4."""
+
+from __future__ import annotations
+
+import gguf
+import numba
+import numpy as np
+import pytest
+from _gguf_reference import random_matrix_bytes
+
+from nanovllm.backends import cpu_int8
+from nanovllm.backends.cpu_int8 import LAYOUTS, MATMULS, QuantizedRows
+
+Q = gguf.GGMLQuantizationType
+FORMATS = sorted(LAYOUTS, key=lambda q: q.name)
+
+
+def gguf_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8, scales float32) of x's Q8_0 blocks, from the gguf package."""
+    blocks = gguf.quants.quantize(x, Q.Q8_0).reshape(len(x), -1, 34)
+    codes = blocks[:, :, 2:].copy().view(np.int8).reshape(x.shape)
+    return codes, blocks[:, :, :2].copy().view(np.float16).astype(np.float32)[:, :, 0]
+
+
+def as_read(x: np.ndarray) -> np.ndarray:
+    return gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
+
+
+def test_activation_rows_are_gguf_q8_0_blocks_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5, 160)) * rng.uniform(0.01, 100, size=(5, 1))).astype(np.float32)
+    x[1, 32:64] = 0  # an all-zero block: scale 0, codes 0
+    x[2, :32] = np.arange(32) - 15.5  # max 16.5: d = 16.5 / 127, many codes near x.5
+    x[3, :32] = 0
+    x[3, 0], x[3, 1], x[3, 2] = 127, 2.5, -2.5  # d = 1: halves round away from zero (3, -3)
+    got = QuantizedRows(x)
+    codes, scales = gguf_q8_0(x)
+    np.testing.assert_array_equal(got.codes, codes)
+    assert got.codes[3, 1] == 3 and got.codes[3, 2] == -3
+    np.testing.assert_array_equal(
+        got.scales.view(np.uint32), np.repeat(scales[:, :, None], 8, 2).view(np.uint32)
+    )
+    sums = codes.reshape(5, -1, 32).astype(np.int64).sum(-1)
+    np.testing.assert_array_equal(got.sums[:, :, 0], -sums)
+    assert not got.sums[:, :, 1:].any()
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_matmul_equals_float64_products_of_gguf_values(qtype):
+    rng = np.random.default_rng(1)
+    for cols in (32, 96, 320):  # 1, 3 and 10 blocks
+        data = random_matrix_bytes(rng, qtype.name, 37, cols)
+        data.flags.writeable = False  # as the memory map's rows are
+        weights = gguf.quants.dequantize(data, qtype).reshape(37, cols).astype(np.float64)
+        for rows in (1, 2, 3, 4, 8, 17):
+            x = rng.normal(size=(rows, cols)).astype(np.float32)
+            seen = as_read(x).astype(np.float64)
+            out = np.full((rows, 40), np.nan, np.float32)
+            QuantizedRows(x).matmul(MATMULS[qtype], data, out, 2, 5)
+            want = seen @ weights.T
+            bound = np.abs(seen) @ np.abs(weights).T  # float32 rounding of the scaled sums
+            assert np.all(np.abs(out[:, 2:39] - want) <= 2e-6 * bound + 1e-6), (cols, rows)
+            assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 39]).all()  # its columns only
+
+
+def _runner(qtype: Q, rows: int, width: int):
+    """A loop over weight rows calling the row dot product built for `width` (0: no VNNI)."""
+    dot = cpu_int8._row_dot(LAYOUTS[qtype], rows, width)
+
+    @numba.njit
+    def run(data, x, out):
+        blocks, k = x.shape[1] // 4 // 32, x.shape[1] // 4
+        for n in range(data.shape[0]):
+            row = data.ctypes.data + n * data.strides[0]
+            result = dot(row, x.ctypes.data, blocks, k)
+            if rows == 1:
+                out[0, n] = result
+            else:
+                for m in range(rows):
+                    out[m, n] = result[m]
+
+    return run
+
+
+@pytest.mark.parametrize("width", [0, 1, 2], ids=["widening", "vnni256", "vnni512"])
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_every_code_path_computes_the_same_products(qtype, width):
+    if width and cpu_int8.VNNI < width:
+        pytest.skip("this CPU has no VNNI instructions of that width")
+    rng = np.random.default_rng(2)
+    data = random_matrix_bytes(rng, qtype.name, 11, 96)
+    weights = gguf.quants.dequantize(data, qtype).reshape(11, 96).astype(np.float64)
+    for rows in (1, 4):
+        x = rng.normal(size=(rows, 96)).astype(np.float32)
+        out = np.zeros((rows, 11), np.float32)
+        _runner(qtype, rows, width)(data, QuantizedRows(x).packed, out)
+        seen = as_read(x).astype(np.float64)
+        bound = np.abs(seen) @ np.abs(weights).T
+        assert np.all(np.abs(out - seen @ weights.T) <= 2e-6 * bound + 1e-6), rows
+
+
+def test_the_code_path_follows_the_cpu_numba_compiles_for(monkeypatch):
+    monkeypatch.setattr(cpu_int8.config, "CPU_FEATURES", "+avx2,+avx512vnni,+avx512vl,+avx512bw")
+    assert cpu_int8.vector_blocks() == 2
+    monkeypatch.setattr(cpu_int8.config, "CPU_FEATURES", "+avx2,+avxvnni,-avx512vnni")
+    assert cpu_int8.vector_blocks() == 1
+    monkeypatch.setattr(cpu_int8.config, "CPU_FEATURES", "+avx2,+fma")
+    assert cpu_int8.vector_blocks() == 0
+    monkeypatch.setattr(cpu_int8.config, "CPU_FEATURES", "")
+    monkeypatch.setattr(cpu_int8.config, "CPU_NAME", "generic")
+    assert cpu_int8.vector_blocks() == 0
