@@ -95,7 +95,8 @@ def nanovllm_runner(args):
     from nanovllm import LLM, SamplingParams
 
     llm = LLM(
-        args.gguf, device="cpu", num_threads=args.threads, max_num_seqs=32, num_blocks=1024,
+        args.gguf, device="cpu", num_threads=args.threads, quantization=args.quantization,
+        max_num_seqs=32, num_blocks=1024,
         max_num_batched_tokens=1024, max_model_len=1024,
     )  # fmt: skip
 
@@ -295,7 +296,8 @@ def run_worker(engine: str, args) -> dict:
 
 def forwarded(args) -> list[str]:
     out = ["--model", args.model, "--threads", str(args.threads), "--workloads", args.workloads,
-           "--gguf", args.gguf, "--vocab", str(args.vocab)]  # fmt: skip
+           "--gguf", args.gguf, "--vocab", str(args.vocab),
+           "--quantization", args.quantization]  # fmt: skip
     if args.llama_server:
         out += ["--llama-server", args.llama_server]
     return out
@@ -370,6 +372,8 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", default="auto",
+                        help="nanovllm's --quantization: auto, or q8-activations (llama.cpp's arithmetic)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-python", default=str(PEERS / "llama/bin/python"))
     parser.add_argument("--llama-server", default=str(PEERS / "server-build/bin/llama-server"))

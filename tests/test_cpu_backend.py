@@ -40,8 +40,9 @@ def test_next_token_is_the_references_at_every_position(both, chunks):
     diff = float(np.abs(got - want).max())
     print(f"{name}: max |cpu - cpu-reference| logit over 64 positions = {diff:.2e}")
     assert (got.argmax(-1) == want.argmax(-1)).all()
-    # float32 on both sides, summed in another order; logits spread over ~30-50
-    assert diff < 1e-3
+    # logits spread over ~30-50; a prefill is float32 on both sides, summed in another order
+    # (~1e-4), a decode step rounds the matmuls' inputs to 16-bit codes (~1e-2)
+    assert diff < (1e-3 if chunks == [64] else 2e-2)
 
 
 def test_q8_activations_round_as_llama_cpp_does_and_keep_the_top_token(both):

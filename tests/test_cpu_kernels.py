@@ -89,13 +89,25 @@ def test_linear_equals_numpy_on_dequantized_weights(backend, q8_backend, qtype, 
 
 
 def activations_as_read(backend: CPUBackend, qtype: Q, x: np.ndarray) -> np.ndarray:
-    """x as the backend's matmul reads it: with q8-activations, decode rows for a weight with
-    integer dot products in Q8_0 blocks, rounded by the `gguf` package (llama.cpp's
-    activations); else as it is."""
+    """x as the backend's matmul reads it: decode rows for a weight with integer kernels
+    rounded to 16-bit codes (or with q8-activations to Q8_0 blocks, by the `gguf` package:
+    llama.cpp's activations); prefill rows and other formats as they are."""
     kernel_rows = len(x) <= cpu_backend.MAX_KERNEL_ROWS
-    if not (backend.q8_activations and kernel_rows and FORMATS[qtype].int8 is not None):
+    if not kernel_rows or FORMATS[qtype].integer is None:
         return x
-    return gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
+    if backend.activations.bits == 8:
+        return gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
+    return int16_blocks(x)
+
+
+def int16_blocks(x: np.ndarray) -> np.ndarray:
+    """x rounded to blocks of 32 16-bit codes with a float32 scale max|x| / 32767, halves away
+    from zero (gguf's rounding), back in float32."""
+    blocks = x.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(32767)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    return (gguf.quants.np_roundf(blocks * inverse) * d).astype(np.float32).reshape(x.shape)
 
 
 @pytest.mark.parametrize("mode", ["auto", "q8-activations"])

@@ -22,7 +22,7 @@ import numpy as np
 
 from nanovllm.backends import cpu_ops
 from nanovllm.backends.base import AttentionMetadata
-from nanovllm.backends.cpu_int8 import QuantizedRows
+from nanovllm.backends.cpu_int8 import Q8, Q16, QuantizedRows
 from nanovllm.backends.cpu_jit import ThreadControl
 from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format, Q
 from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_attention
@@ -79,7 +79,9 @@ class CPUBackend(ReferenceBackend):
         super().__init__(np.float32)
         self.threads = ThreadControl(num_threads)
         self.dequantize_at_load = quantization == "none"  # float32 rows, as cpu-reference has
-        self.q8_activations = quantization == "q8-activations"  # llama.cpp's decode arithmetic
+        # Decode matmuls round their input rows to blocks of 16-bit codes (float32's top
+        # token and ~1e-5 of its logits), or to llama.cpp's Q8_0 blocks (faster, looser).
+        self.activations = Q8 if quantization == "q8-activations" else Q16
         self._tile: np.ndarray | None = None
         self._plan: _AttentionPlan | None = None
 
@@ -117,9 +119,9 @@ class CPUBackend(ReferenceBackend):
             chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
             if x.shape[0] > MAX_KERNEL_ROWS:
                 self._tiled_matmul(part, x, out, column)
-            elif self.q8_activations and part.kernels.int8 is not None:
-                quantized = quantized or QuantizedRows(x)
-                quantized.matmul(part.kernels.int8, part.data, out, column, chunks)
+            elif part.kernels.integer is not None:
+                quantized = quantized or QuantizedRows(x, self.activations)
+                quantized.matmul(part.kernels.integer, part.data, out, column, chunks)
             else:
                 part.kernels.matmul(part.data, x, out, column, chunks, HALF_BLOCK)
         if bias is not None:

@@ -73,9 +73,28 @@ def vector_blocks() -> int:
     return 1 if "avxvnni" in has else 0
 
 
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """How activation rows are rounded: `bits` a code, and the int32 lanes one 32-value block's
+    dot product lands in (vpdpbusd: four byte pairs a lane; vpdpwssd: two 16-bit pairs)."""
+
+    bits: int
+    lanes: int
+    largest: int  # the largest code
+
+    def record_bytes(self, k: int) -> int:
+        """Bytes of one activation row of k values: codes, then scales, sums and scaled sums
+        (`lanes` 4-byte values a block each)."""
+        return k * self.bits // 8 + 3 * k * self.lanes // 8
+
+
+Q8 = Precision(8, 8, 127)  # llama.cpp's: Q8_0 blocks, bit for bit as gguf quantizes
+Q16 = Precision(16, 16, 32767)  # a float32 scale and 16-bit codes: ~1e-5 of the block's largest
+
+
 # ---- LLVM IR ----------------------------------------------------------------------------------
-I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-LANES = 8  # int32 / float32 lanes per block: 32 codes, 4 to a lane
+I8, I16, I32, I64, F32 = (ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
+                          ir.FloatType())  # fmt: skip
 
 
 def _vec(element: ir.Type, count: int) -> ir.VectorType:
@@ -88,12 +107,13 @@ def _indexes(values) -> ir.Constant:
 
 
 class _Emitter:
-    """IR for the row dot products: loads at byte addresses and one iteration over `width`
-    consecutive blocks (1, or 2 with 512-bit vectors)."""
+    """IR for the row dot products: loads at byte addresses and the pieces of one iteration
+    over consecutive blocks (1, or 2 with 512-bit vectors)."""
 
-    def __init__(self, builder: ir.IRBuilder, layout: Layout, vnni: int) -> None:
+    def __init__(self, builder: ir.IRBuilder, layout: Layout, precision: Precision, vnni: int):
         self.b = builder
         self.layout = layout
+        self.precision = precision
         self.vnni = vnni
 
     def load(self, address: ir.Value, offset: ir.Value, typ: ir.Type) -> ir.Value:
@@ -101,21 +121,26 @@ class _Emitter:
         return self.b.load(pointer, typ=typ, align=1)
 
     def concat(self, parts: list[ir.Value]) -> ir.Value:
-        """Vectors of equal length, one after the other (one or two of them)."""
-        if len(parts) == 1:
-            return parts[0]
-        count = parts[0].type.count
-        return self.b.shuffle_vector(parts[0], parts[1], _indexes(range(2 * count)))
+        """Vectors of equal length (a power of two of them), one after the other."""
+        while len(parts) > 1:
+            count = parts[0].type.count
+            parts = [self.b.shuffle_vector(a, c, _indexes(range(2 * count)))
+                     for a, c in zip(parts[::2], parts[1::2], strict=True)]  # fmt: skip
+        return parts[0]
+
+    def pieces(self, vector: ir.Value, size: int) -> list[ir.Value]:
+        return [self.b.shuffle_vector(vector, vector, _indexes(range(i, i + size)))
+                for i in range(0, vector.type.count, size)]  # fmt: skip
 
     def per_block(self, blocks: list[ir.Value], offset: int) -> ir.Value:
-        """The half at `offset` of each block, each repeated over the block's eight lanes."""
+        """The half at `offset` of each block, repeated over the block's lanes."""
         b, width = self.b, len(blocks)
         values = ir.Constant(_vec(F32, width), ir.Undefined)
         for i, block in enumerate(blocks):
-            bits = self.load(block, I64(offset), ir.IntType(16))
+            bits = self.load(block, I64(offset), I16)
             value = b.fpext(b.bitcast(bits, ir.HalfType()), F32)
             values = b.insert_element(values, value, I32(i))
-        mask = _indexes(i for i in range(width) for _ in range(LANES))
+        mask = _indexes(i for i in range(width) for _ in range(self.precision.lanes))
         return b.shuffle_vector(values, values, mask)
 
     def codes(self, blocks: list[ir.Value]) -> ir.Value:
@@ -138,21 +163,32 @@ class _Emitter:
         return codes
 
     def dot(self, start: ir.Value, codes: ir.Value, activations: ir.Value) -> ir.Value:
-        """start + lane sums of codes (unsigned) times activations (signed), four pairs a lane."""
-        b, lanes = self.b, codes.type.count // 4
-        vector = _vec(I32, lanes)
+        """start + the lane sums of codes times activations: int8 activations meet unsigned
+        codes, four pairs a lane (vpdpbusd); int16 ones meet signed 16-bit codes, two pairs a
+        lane (vpdpwssd)."""
+        b = self.b
+        pairs = 4 if self.precision.bits == 8 else 2  # products summed in a lane
+        lanes = codes.type.count // pairs
         if self.vnni:
-            name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+            name = "vpdpbusd" if pairs == 4 else "vpdpwssd"
+            per_call = min(16 if self.vnni == 2 else 8, lanes)  # of a 512- or 256-bit vector
+            vector = _vec(I32, per_call)
             fn = cgutils.get_or_insert_function(
-                b.module, ir.FunctionType(vector, [vector] * 3), name
-            )
-            return b.call(fn, [start, b.bitcast(codes, vector), b.bitcast(activations, vector)])
-        wide = _vec(I32, 4 * lanes)
-        products = b.mul(b.zext(codes, wide), b.sext(activations, wide))
+                b.module, ir.FunctionType(vector, [vector] * 3),
+                f"llvm.x86.avx512.{name}.{32 * per_call}",
+            )  # fmt: skip
+            sums = [b.call(fn, [s, b.bitcast(c, vector), b.bitcast(a, vector)])
+                    for s, c, a in zip(self.pieces(start, per_call),
+                                       self.pieces(codes, per_call * pairs),
+                                       self.pieces(activations, per_call * pairs), strict=True)]  # fmt: skip
+            return self.concat(sums)
+        wide = _vec(I32, pairs * lanes)
+        extend = b.zext if pairs == 4 else b.sext  # unsigned bytes; signed 16-bit codes
+        products = b.mul(extend(codes, wide), b.sext(activations, wide))
         total = start
-        for k in range(4):  # lane i sums products 4i .. 4i + 3, as vpdpbusd does
-            total = b.add(total, b.shuffle_vector(products, products,
-                                                  _indexes(4 * i + k for i in range(lanes))))  # fmt: skip
+        for k in range(pairs):  # lane i sums products pairs*i .. pairs*i + pairs - 1
+            every = _indexes(pairs * i + k for i in range(lanes))
+            total = b.add(total, b.shuffle_vector(products, products, every))
         return total
 
     def fmuladd(self, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
@@ -165,17 +201,19 @@ class _Emitter:
     def horizontal_sum(self, vector: ir.Value) -> ir.Value:
         b = self.b
         while vector.type.count > 1:
-            half = vector.type.count // 2
-            vector = b.fadd(b.shuffle_vector(vector, vector, _indexes(range(half))),
-                            b.shuffle_vector(vector, vector, _indexes(range(half, 2 * half))))  # fmt: skip
+            low, high = self.pieces(vector, vector.type.count // 2)
+            vector = b.fadd(low, high)
         return b.extract_element(vector, I32(0))
 
 
-def _row_dot(layout: Layout, rows: int, vnni: int):
+def _row_dot(layout: Layout, precision: Precision, rows: int, vnni: int):
     """An intrinsic (row, x, blocks, k) -> `rows` float32 dot products of one stored weight row
     (byte address) with activation rows m = 0..rows-1 of a QuantizedRows at byte address x."""
     width = max(vnni, 1)  # blocks per iteration
-    shift = {8: 3, 16: 4, 128: 7}.get(layout.zero, 0)
+    lanes = precision.lanes
+    # int8: the codes stay unsigned and -zero * (sum of the activation codes), in each block's
+    # first lane, starts the integer sum; int16: the codes are made signed instead.
+    shift = {8: 3, 16: 4, 128: 7}.get(layout.zero, 0) if precision.bits == 8 else 0
 
     @intrinsic
     def row_dot(typingctx, row, x, blocks, k):
@@ -186,7 +224,10 @@ def _row_dot(layout: Layout, rows: int, vnni: int):
 
         def codegen(context, builder, signature, args):
             row, x, blocks, k = args
-            e = _Emitter(builder, layout, vnni)
+            e = _Emitter(builder, layout, precision, vnni)
+            code_bytes = builder.mul(k, I64(precision.bits // 8))
+            lane_bytes = builder.mul(k, I64(lanes // 8))  # of each lane array of a row
+            record = builder.add(code_bytes, builder.mul(lane_bytes, I64(3)))
 
             def iteration(first: ir.Value, count: int, accs: list) -> None:
                 blocks_here = [builder.add(row, builder.mul(builder.add(first, I64(i)),
@@ -195,45 +236,50 @@ def _row_dot(layout: Layout, rows: int, vnni: int):
                 d = e.per_block(blocks_here, layout.d)
                 minimum = e.per_block(blocks_here, layout.m) if layout.m is not None else None
                 codes = e.codes(blocks_here)
-                ints, floats = _vec(I32, LANES * count), _vec(F32, LANES * count)
+                if precision.bits == 16:
+                    codes = builder.sub(builder.zext(codes, _vec(I16, codes.type.count)),
+                                        ir.Constant(_vec(I16, codes.type.count), layout.zero))  # fmt: skip
+                ints, floats = _vec(I32, lanes * count), _vec(F32, lanes * count)
+                code_type = _vec(ir.IntType(precision.bits), BLOCK * count)
                 for m, acc in enumerate(accs):
-                    # activation row m: codes, scales, sums, scaled sums; k bytes each
-                    at = builder.add(builder.mul(I64(m), builder.mul(k, I64(4))),
-                                     builder.mul(first, I64(BLOCK)))  # fmt: skip
-                    activations = e.load(x, at, _vec(I8, BLOCK * count))
-                    if shift:  # -zero * (sum of the codes) in each block's first lane
-                        sums = e.load(x, builder.add(at, builder.mul(k, I64(2))), ints)
-                        start = builder.shl(sums, ir.Constant(ints, shift))
+                    base = builder.add(x, builder.mul(I64(m), record))
+                    lanes_at = builder.mul(first, I64(4 * lanes))
+                    scales = builder.add(builder.add(base, code_bytes), lanes_at)
+                    activations = e.load(base, builder.mul(first, I64(BLOCK * precision.bits // 8)),
+                                         code_type)  # fmt: skip
+                    if shift:
+                        start = builder.shl(
+                            e.load(scales, lane_bytes, ints), ir.Constant(ints, shift)
+                        )
                     else:
                         start = ir.Constant(ints, 0)
                     dot = builder.sitofp(e.dot(start, codes, activations), floats)
-                    scaled = builder.fmul(dot, e.load(x, builder.add(at, k), floats))
+                    scaled = builder.fmul(dot, e.load(scales, I64(0), floats))
                     value = e.fmuladd(scaled, d, builder.load(acc))
                     if minimum is not None:  # + min * d_x * (sum of the codes)
-                        scaled_sums = e.load(x, builder.add(at, builder.mul(k, I64(3))), floats)
+                        scaled_sums = e.load(scales, builder.mul(lane_bytes, I64(2)), floats)
                         value = e.fmuladd(scaled_sums, minimum, value)
                     builder.store(value, acc)
 
             totals = []
 
             def loop(first_block: ir.Value, count: ir.Value, step: int) -> None:
-                accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(F32, LANES * step), 0.0))
-                        for _ in range(rows)]  # fmt: skip
+                zero = ir.Constant(_vec(F32, lanes * step), 0.0)
+                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
                 with cgutils.for_range(builder, count) as it:
-                    iteration(
-                        builder.add(first_block, builder.mul(it.index, I64(step))), step, accs
-                    )
+                    first = builder.add(first_block, builder.mul(it.index, I64(step)))
+                    iteration(first, step, accs)
                 totals.append([e.horizontal_sum(builder.load(a)) for a in accs])
 
             loop(I64(0), builder.udiv(blocks, I64(width)), width)
             if width > 1:  # the odd last block
                 done = builder.mul(builder.udiv(blocks, I64(width)), I64(width))
                 loop(done, builder.sub(blocks, done), 1)
-            sums_ = [totals[0][m] if len(totals) == 1 else builder.fadd(totals[0][m], totals[1][m])
-                     for m in range(rows)]  # fmt: skip
+            sums = [totals[0][m] if len(totals) == 1 else builder.fadd(totals[0][m], totals[1][m])
+                    for m in range(rows)]  # fmt: skip
             if rows == 1:
-                return sums_[0]
-            return context.make_tuple(builder, signature.return_type, sums_)
+                return sums[0]
+            return context.make_tuple(builder, signature.return_type, sums)
 
         return result(*arguments), codegen
 
@@ -241,11 +287,24 @@ def _row_dot(layout: Layout, rows: int, vnni: int):
 
 
 VNNI = vector_blocks()
-_Q8_0_1, _Q8_0_4 = _row_dot(LAYOUTS[Q.Q8_0], 1, VNNI), _row_dot(LAYOUTS[Q.Q8_0], ROWS, VNNI)
-_Q4_0_1, _Q4_0_4 = _row_dot(LAYOUTS[Q.Q4_0], 1, VNNI), _row_dot(LAYOUTS[Q.Q4_0], ROWS, VNNI)
-_Q4_1_1, _Q4_1_4 = _row_dot(LAYOUTS[Q.Q4_1], 1, VNNI), _row_dot(LAYOUTS[Q.Q4_1], ROWS, VNNI)
-_Q5_0_1, _Q5_0_4 = _row_dot(LAYOUTS[Q.Q5_0], 1, VNNI), _row_dot(LAYOUTS[Q.Q5_0], ROWS, VNNI)
-_Q5_1_1, _Q5_1_4 = _row_dot(LAYOUTS[Q.Q5_1], 1, VNNI), _row_dot(LAYOUTS[Q.Q5_1], ROWS, VNNI)
+
+
+def _pair(qtype: Q, precision: Precision):
+    return _row_dot(LAYOUTS[qtype], precision, 1, VNNI), _row_dot(
+        LAYOUTS[qtype], precision, ROWS, VNNI
+    )
+
+
+_Q8_0_1, _Q8_0_4 = _pair(Q.Q8_0, Q8)
+_Q4_0_1, _Q4_0_4 = _pair(Q.Q4_0, Q8)
+_Q4_1_1, _Q4_1_4 = _pair(Q.Q4_1, Q8)
+_Q5_0_1, _Q5_0_4 = _pair(Q.Q5_0, Q8)
+_Q5_1_1, _Q5_1_4 = _pair(Q.Q5_1, Q8)
+_W8_0_1, _W8_0_4 = _pair(Q.Q8_0, Q16)  # the same weights against 16-bit activations
+_W4_0_1, _W4_0_4 = _pair(Q.Q4_0, Q16)
+_W4_1_1, _W4_1_4 = _pair(Q.Q4_1, Q16)
+_W5_0_1, _W5_0_4 = _pair(Q.Q5_0, Q16)
+_W5_1_1, _W5_1_4 = _pair(Q.Q5_1, Q16)
 
 
 # ---- activations ------------------------------------------------------------------------------
@@ -262,30 +321,32 @@ def _to_half_and_back(typingctx, value):
 
 
 @kernel(exact=True)
-def quantize_rows(x, codes, scales, sums, scaled_sums):
-    """Each row of x in Q8_0 blocks, as `gguf.quants.quantize(x, Q8_0)` computes them: codes
-    round(x / d) (halves away from zero) with d = max|x| / 127, the scale stored as a half. Per
-    block b, eight lanes each: scales[m, b] = d (every lane), sums[m, b] = (-sum of the codes,
-    0, ...), scaled_sums[m, b] = (d * sum of the codes, 0, ...), as the row dot products add
-    them to a block's lanes."""
+def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
+    """Each row of x in blocks of 32 codes round(x / d) (halves away from zero, gguf's
+    np_roundf) with d = max|x| / largest. With largest 127 these are Q8_0 blocks as
+    `gguf.quants.quantize(x, Q8_0)` computes them, the scale stored as a half; with 32767 the
+    scale stays float32. Per block b, over its lanes: scales[m, b] = d (every lane), sums[m, b]
+    = (-sum of the codes, 0, ...), scaled_sums[m, b] = (d * sum of the codes, 0, ...), as the
+    row dot products add them to a block's lanes."""
     rows, width = x.shape
     for m in range(rows):
         for b in range(width // BLOCK):
             top = np.float32(0)
             for j in range(BLOCK):
                 top = max(top, abs(x[m, b * BLOCK + j]))
-            d = top / np.float32(127)
+            d = top / np.float32(largest)
             inverse = np.float32(1) / d if d != 0 else np.float32(0)
             total = 0
             for j in range(BLOCK):
                 v = x[m, b * BLOCK + j] * inverse
                 a = abs(v)
                 whole = np.floor(a)
-                q = whole + np.floor(np.float32(2) * (a - whole))  # gguf's np_roundf
-                code = np.int8(q if v >= 0 else -q)
+                q = int(whole + np.floor(np.float32(2) * (a - whole)))
+                code = q if v >= 0 else -q
                 codes[m, b * BLOCK + j] = code
                 total += code
-            d = _to_half_and_back(d)
+            if largest == 127:
+                d = _to_half_and_back(d)
             scales[m, b, :] = d
             sums[m, b, :] = 0
             sums[m, b, 0] = -total
@@ -294,78 +355,121 @@ def quantize_rows(x, codes, scales, sums, scaled_sums):
 
 
 @inline()
-def _chunk(dot1, dot4, data, x, out, col0, chunks, chunk):
+def _chunk(dot1, dot4, data, x, k, out, col0, chunks, chunk):
     """out[:, col0 + n] for the weight rows n of one chunk, four activation rows per call."""
-    rows, count, width = data.shape[0], x.shape[0], x.shape[1] // 4
+    rows, count, blocks = data.shape[0], x.shape[0], k // BLOCK
     per = -(-rows // chunks)
-    base, stride, x0, x_stride = data.ctypes.data, data.strides[0], x.ctypes.data, x.strides[0]
-    blocks = width // BLOCK
+    base, stride, x0, record = data.ctypes.data, data.strides[0], x.ctypes.data, x.strides[0]
     for n in range(chunk * per, min(rows, (chunk + 1) * per)):
         row = base + n * stride
         m = 0
         while m + 4 <= count:
             out[m, col0 + n], out[m + 1, col0 + n], out[m + 2, col0 + n], out[m + 3, col0 + n] = (
-                dot4(row, x0 + m * x_stride, blocks, width)
+                dot4(row, x0 + m * record, blocks, k)
             )
             m += 4
         while m < count:
-            out[m, col0 + n] = dot1(row, x0 + m * x_stride, blocks, width)
+            out[m, col0 + n] = dot1(row, x0 + m * record, blocks, k)
             m += 1
 
 
+# One kernel per weight format and activation precision (numba specializes on the intrinsics).
 @kernel(parallel=True)
-def matmul_q8_0(data, x, out, col0, chunks):
+def matmul_q8_0(data, x, k, out, col0, chunks):
     for chunk in prange(chunks):
-        _chunk(_Q8_0_1, _Q8_0_4, data, x, out, col0, chunks, chunk)
-
-
-@kernel(parallel=True)
-def matmul_q4_0(data, x, out, col0, chunks):
-    for chunk in prange(chunks):
-        _chunk(_Q4_0_1, _Q4_0_4, data, x, out, col0, chunks, chunk)
+        _chunk(_Q8_0_1, _Q8_0_4, data, x, k, out, col0, chunks, chunk)
 
 
 @kernel(parallel=True)
-def matmul_q4_1(data, x, out, col0, chunks):
+def matmul_q4_0(data, x, k, out, col0, chunks):
     for chunk in prange(chunks):
-        _chunk(_Q4_1_1, _Q4_1_4, data, x, out, col0, chunks, chunk)
+        _chunk(_Q4_0_1, _Q4_0_4, data, x, k, out, col0, chunks, chunk)
 
 
 @kernel(parallel=True)
-def matmul_q5_0(data, x, out, col0, chunks):
+def matmul_q4_1(data, x, k, out, col0, chunks):
     for chunk in prange(chunks):
-        _chunk(_Q5_0_1, _Q5_0_4, data, x, out, col0, chunks, chunk)
+        _chunk(_Q4_1_1, _Q4_1_4, data, x, k, out, col0, chunks, chunk)
 
 
 @kernel(parallel=True)
-def matmul_q5_1(data, x, out, col0, chunks):
+def matmul_q5_0(data, x, k, out, col0, chunks):
     for chunk in prange(chunks):
-        _chunk(_Q5_1_1, _Q5_1_4, data, x, out, col0, chunks, chunk)
+        _chunk(_Q5_0_1, _Q5_0_4, data, x, k, out, col0, chunks, chunk)
 
 
-MATMULS = {
-    Q.Q8_0: matmul_q8_0,
-    Q.Q4_0: matmul_q4_0,
-    Q.Q4_1: matmul_q4_1,
-    Q.Q5_0: matmul_q5_0,
-    Q.Q5_1: matmul_q5_1,
-}
+@kernel(parallel=True)
+def matmul_q5_1(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_Q5_1_1, _Q5_1_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q8_0(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W8_0_1, _W8_0_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q4_0(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W4_0_1, _W4_0_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q4_1(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W4_1_1, _W4_1_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q5_0(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W5_0_1, _W5_0_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q5_1(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W5_1_1, _W5_1_4, data, x, k, out, col0, chunks, chunk)
+
+
+MATMULS: dict[Precision, dict[Q, object]] = {
+    Q8: {Q.Q8_0: matmul_q8_0, Q.Q4_0: matmul_q4_0, Q.Q4_1: matmul_q4_1,
+         Q.Q5_0: matmul_q5_0, Q.Q5_1: matmul_q5_1},
+    Q16: {Q.Q8_0: matmul16_q8_0, Q.Q4_0: matmul16_q4_0, Q.Q4_1: matmul16_q4_1,
+          Q.Q5_0: matmul16_q5_0, Q.Q5_1: matmul16_q5_1},
+}  # fmt: skip
 
 
 class QuantizedRows:
-    """Activation rows in Q8_0 blocks as the int8 matmuls read them: per row, k bytes each of
-    codes (int8), per-block scales, sums and scaled sums (eight 4-byte lanes a block)."""
+    """Activation rows rounded to blocks of integer codes, as the row dot products read them:
+    one record a row (Precision.record_bytes)."""
 
-    def __init__(self, x: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, precision: Precision) -> None:
         rows, width = x.shape
-        self.packed = np.empty((rows, 4 * width), np.uint8)
-        lanes = (rows, width // BLOCK, 8)
-        self.codes = self.packed[:, :width].view(np.int8)
-        self.scales = self.packed[:, width : 2 * width].view(np.float32).reshape(lanes)
-        self.sums = self.packed[:, 2 * width : 3 * width].view(np.int32).reshape(lanes)
-        scaled_sums = self.packed[:, 3 * width :].view(np.float32).reshape(lanes)
-        quantize_rows(x, self.codes, self.scales, self.sums, scaled_sums)
+        self.precision = precision
+        self.width = width
+        code_bytes, lane_bytes = width * precision.bits // 8, width * precision.lanes // 8
+        self.packed = np.empty((rows, precision.record_bytes(width)), np.uint8)
+        lanes = (rows, width // BLOCK, precision.lanes)
 
-    def matmul(self, kernel, data: np.ndarray, out: np.ndarray, col0: int, chunks: int) -> None:
-        """out[:, col0 + n] = these rows . weight row n, by one of the matmuls above."""
-        kernel(data, self.packed, out, col0, chunks)
+        def part(start: int, size: int, dtype, shape) -> np.ndarray:
+            return self.packed[:, start : start + size].view(dtype).reshape(shape)
+
+        code_type = np.int8 if precision.bits == 8 else np.int16
+        self.codes = part(0, code_bytes, code_type, (rows, width))
+        self.scales = part(code_bytes, lane_bytes, np.float32, lanes)
+        self.sums = part(code_bytes + lane_bytes, lane_bytes, np.int32, lanes)
+        scaled_sums = part(code_bytes + 2 * lane_bytes, lane_bytes, np.float32, lanes)
+        quantize_rows(x, self.codes, self.scales, self.sums, scaled_sums, precision.largest)
+
+    def matmul(self, kernels: dict, data: np.ndarray, out: np.ndarray, col0: int, chunks: int):
+        """out[:, col0 + n] = these rows . weight row n, by the kernel for their precision of
+        `kernels` (one format's: `kernels_for`)."""
+        kernels[self.precision](data, self.packed, self.width, out, col0, chunks)
+
+
+def kernels_for(qtype: Q) -> dict[Precision, object]:
+    """A format's matmul per activation precision."""
+    return {precision: table[qtype] for precision, table in MATMULS.items()}

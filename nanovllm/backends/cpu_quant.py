@@ -441,7 +441,8 @@ class Format:
     matmul: Any
     dequantize: Any | None  # None: F32 rows are their own float32 values
     view: Any  # uint8 [rows, row_bytes] -> the array the kernels take
-    int8: Any | None = None  # the matmul on Q8_0 activation rows (cpu_int8.py), where one exists
+    # matmuls on activation rows of integer codes, per precision (cpu_int8.py), where they exist
+    integer: dict | None = None
 
 
 def _bytes(data: np.ndarray) -> np.ndarray:
@@ -457,11 +458,11 @@ def _floats(data: np.ndarray) -> np.ndarray:
 
 
 FORMATS: dict[Q, Format] = {
-    Q.Q8_0: Format(matmul_q8_0, dequantize_q8_0, _bytes, cpu_int8.matmul_q8_0),
-    Q.Q4_0: Format(matmul_q4_0, dequantize_q4_0, _bytes, cpu_int8.matmul_q4_0),
-    Q.Q4_1: Format(matmul_q4_1, dequantize_q4_1, _bytes, cpu_int8.matmul_q4_1),
-    Q.Q5_0: Format(matmul_q5_0, dequantize_q5_0, _bytes, cpu_int8.matmul_q5_0),
-    Q.Q5_1: Format(matmul_q5_1, dequantize_q5_1, _bytes, cpu_int8.matmul_q5_1),
+    Q.Q8_0: Format(matmul_q8_0, dequantize_q8_0, _bytes, cpu_int8.kernels_for(Q.Q8_0)),
+    Q.Q4_0: Format(matmul_q4_0, dequantize_q4_0, _bytes, cpu_int8.kernels_for(Q.Q4_0)),
+    Q.Q4_1: Format(matmul_q4_1, dequantize_q4_1, _bytes, cpu_int8.kernels_for(Q.Q4_1)),
+    Q.Q5_0: Format(matmul_q5_0, dequantize_q5_0, _bytes, cpu_int8.kernels_for(Q.Q5_0)),
+    Q.Q5_1: Format(matmul_q5_1, dequantize_q5_1, _bytes, cpu_int8.kernels_for(Q.Q5_1)),
     Q.Q4_K: Format(matmul_q4_k, dequantize_q4_k, _bytes),
     Q.Q5_K: Format(matmul_q5_k, dequantize_q5_k, _bytes),
     Q.Q6_K: Format(matmul_q6_k, dequantize_q6_k, _bytes),
