@@ -89,11 +89,12 @@ def test_linear_equals_numpy_on_dequantized_weights(backend, q8_backend, qtype, 
 
 
 def activations_as_read(backend: CPUBackend, qtype: Q, x: np.ndarray) -> np.ndarray:
-    """x as the backend's matmul reads it: decode rows for a weight with integer kernels
-    rounded to 16-bit codes (or with q8-activations to Q8_0 blocks, by the `gguf` package:
-    llama.cpp's activations); prefill rows and other formats as they are."""
-    kernel_rows = len(x) <= cpu_backend.MAX_KERNEL_ROWS
-    if not kernel_rows or FORMATS[qtype].integer is None:
+    """x as the backend's matmul reads it: for a weight with integer kernels, one or two rows
+    rounded to 16-bit codes, or with q8-activations every decode batch rounded to Q8_0 blocks
+    by the `gguf` package (llama.cpp's activations); other rows and formats as they are."""
+    integer_rows = cpu_backend.MAX_INTEGER_ROWS[backend.activations]
+    assert integer_rows == (24 if backend.activations.bits == 8 else 2)
+    if len(x) > integer_rows or FORMATS[qtype].integer is None:
         return x
     if backend.activations.bits == 8:
         return gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)

@@ -6,12 +6,13 @@ as they are (memory ~ the file) and runs them through nanovllm/backends/cpu_quan
 of the step through nanovllm/backends/cpu_ops.py. Tests check each kernel against the reference.
 
 Matmuls pick their path by batch rows: up to MAX_KERNEL_ROWS rows (decode) the quantized kernel
-reads each weight byte once per step, in float32 (cpu_quant.py), or with `--quantization
-q8-activations` for Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights with the activation rows rounded to
-Q8_0 blocks and integer dot products (cpu_int8.py, llama.cpp's arithmetic: about 2x faster, and
-logits that differ from float32's by up to ~1); above (prefill), tiles of weight rows are
-dequantized into a reused float32 buffer and multiplied with BLAS, whose cost the many rows
-amortize.
+reads each weight byte once per step. For Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights that is an
+integer dot product with the activation rows rounded to blocks of codes (cpu_int8.py): 16-bit
+codes for one or two rows (logits within ~1e-2 of float32's), or with `--quantization
+q8-activations` Q8_0 blocks for every decode batch (llama.cpp's arithmetic: faster on batches,
+logits that move by up to ~1); otherwise in float32 (cpu_quant.py). Above MAX_KERNEL_ROWS
+(prefill), tiles of weight rows are dequantized into a reused float32 buffer and multiplied with
+BLAS, whose cost the many rows amortize.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_at
 from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
 
 MAX_KERNEL_ROWS = 24  # batch rows up to which the kernel beats dequantize + BLAS (measured)
+# Batch rows up to which integer dot products run, per activation precision: 16-bit codes cost
+# twice the instructions of 8-bit ones, and beat the float32 kernel only where the weights'
+# reads dominate (measured, docs/benchmarks.md "Integer dot products").
+MAX_INTEGER_ROWS = {Q8: MAX_KERNEL_ROWS, Q16: 2}
 TILE_VALUES = 1 << 22  # float32 values of the dequantized tile (16 MB)
 CHUNKS_PER_THREAD = 4  # weight-row chunks per thread: balance without tiny chunks
 MAX_KERNEL_QUERIES = 16  # query tokens of one sequence up to which the attention kernel runs
@@ -114,12 +119,13 @@ class CPUBackend(ReferenceBackend):
             return super().linear(x, weight, bias)
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-        quantized = None  # x in Q8_0 blocks, made once for the parts that take it
+        quantized = None  # x in blocks of integer codes, made once for the parts that take it
+        integer = x.shape[0] <= MAX_INTEGER_ROWS[self.activations]
         for part, column in zip(weight.parts, weight.columns, strict=True):
             chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
             if x.shape[0] > MAX_KERNEL_ROWS:
                 self._tiled_matmul(part, x, out, column)
-            elif part.kernels.integer is not None:
+            elif integer and part.kernels.integer is not None:
                 quantized = quantized or QuantizedRows(x, self.activations)
                 quantized.matmul(part.kernels.integer, part.data, out, column, chunks)
             else:

@@ -81,15 +81,18 @@ class Precision:
     bits: int
     lanes: int
     largest: int  # the largest code
+    # Per block, the row record holds its scale, code sum and scaled sum spread over its lanes
+    # (loaded as they are: one 512-bit vector holds two Q8 blocks), or once (compact: a 16-bit
+    # block fills a vector, and a broadcast is free; the records of 16 rows then stay in L1).
+    stored_lanes: int
 
     def record_bytes(self, k: int) -> int:
-        """Bytes of one activation row of k values: codes, then scales, sums and scaled sums
-        (`lanes` 4-byte values a block each)."""
-        return k * self.bits // 8 + 3 * k * self.lanes // 8
+        """Bytes of one activation row of k values: codes, then scales, sums and scaled sums."""
+        return k * self.bits // 8 + 3 * k * self.stored_lanes // 8
 
 
-Q8 = Precision(8, 8, 127)  # llama.cpp's: Q8_0 blocks, bit for bit as gguf quantizes
-Q16 = Precision(16, 16, 32767)  # a float32 scale and 16-bit codes: ~1e-5 of the block's largest
+Q8 = Precision(8, 8, 127, 8)  # llama.cpp's: Q8_0 blocks, bit for bit as gguf quantizes
+Q16 = Precision(16, 16, 32767, 1)  # 16-bit codes, a float32 scale: ~1e-5 of the block's largest
 
 
 # ---- LLVM IR ----------------------------------------------------------------------------------
@@ -225,9 +228,23 @@ def _row_dot(layout: Layout, precision: Precision, rows: int, vnni: int):
         def codegen(context, builder, signature, args):
             row, x, blocks, k = args
             e = _Emitter(builder, layout, precision, vnni)
+            stored = precision.stored_lanes
             code_bytes = builder.mul(k, I64(precision.bits // 8))
-            lane_bytes = builder.mul(k, I64(lanes // 8))  # of each lane array of a row
+            lane_bytes = builder.udiv(builder.mul(k, I64(stored)), I64(8))  # one lane array
             record = builder.add(code_bytes, builder.mul(lane_bytes, I64(3)))
+
+            def lane_values(address: ir.Value, count: int, typ: ir.Type, first_only: bool):
+                """A lane array's values for `count` blocks over their lanes (first_only: in
+                each block's first lane, zeros in the others)."""
+                if stored == lanes:
+                    return e.load(address, I64(0), _vec(typ, lanes * count))
+                values = e.load(address, I64(0), _vec(typ, count))
+                if not first_only:
+                    mask = [i for i in range(count) for _ in range(lanes)]
+                    return builder.shuffle_vector(values, values, _indexes(mask))
+                mask = [j // lanes if j % lanes == 0 else count for j in range(lanes * count)]
+                zeros = ir.Constant(_vec(typ, count), None)
+                return builder.shuffle_vector(values, zeros, _indexes(mask))
 
             def iteration(first: ir.Value, count: int, accs: list) -> None:
                 blocks_here = [builder.add(row, builder.mul(builder.add(first, I64(i)),
@@ -243,22 +260,21 @@ def _row_dot(layout: Layout, precision: Precision, rows: int, vnni: int):
                 code_type = _vec(ir.IntType(precision.bits), BLOCK * count)
                 for m, acc in enumerate(accs):
                     base = builder.add(x, builder.mul(I64(m), record))
-                    lanes_at = builder.mul(first, I64(4 * lanes))
+                    lanes_at = builder.mul(first, I64(4 * stored))
                     scales = builder.add(builder.add(base, code_bytes), lanes_at)
                     activations = e.load(base, builder.mul(first, I64(BLOCK * precision.bits // 8)),
                                          code_type)  # fmt: skip
                     if shift:
-                        start = builder.shl(
-                            e.load(scales, lane_bytes, ints), ir.Constant(ints, shift)
-                        )
+                        sums = lane_values(builder.add(scales, lane_bytes), count, I32, True)
+                        start = builder.shl(sums, ir.Constant(ints, shift))
                     else:
                         start = ir.Constant(ints, 0)
                     dot = builder.sitofp(e.dot(start, codes, activations), floats)
-                    scaled = builder.fmul(dot, e.load(scales, I64(0), floats))
+                    scaled = builder.fmul(dot, lane_values(scales, count, F32, False))
                     value = e.fmuladd(scaled, d, builder.load(acc))
                     if minimum is not None:  # + min * d_x * (sum of the codes)
-                        scaled_sums = e.load(scales, builder.mul(lane_bytes, I64(2)), floats)
-                        value = e.fmuladd(scaled_sums, minimum, value)
+                        at = builder.add(scales, builder.mul(lane_bytes, I64(2)))
+                        value = e.fmuladd(lane_values(at, count, F32, True), minimum, value)
                     builder.store(value, acc)
 
             totals = []
@@ -450,9 +466,9 @@ class QuantizedRows:
         rows, width = x.shape
         self.precision = precision
         self.width = width
-        code_bytes, lane_bytes = width * precision.bits // 8, width * precision.lanes // 8
+        code_bytes, lane_bytes = width * precision.bits // 8, width * precision.stored_lanes // 8
         self.packed = np.empty((rows, precision.record_bytes(width)), np.uint8)
-        lanes = (rows, width // BLOCK, precision.lanes)
+        lanes = (rows, width // BLOCK, precision.stored_lanes)
 
         def part(start: int, size: int, dtype, shape) -> np.ndarray:
             return self.packed[:, start : start + size].view(dtype).reshape(shape)
