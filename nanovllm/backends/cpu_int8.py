@@ -1,20 +1,25 @@
-"""Integer dot products for decode matmuls on the simple GGUF block formats (Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1), the way llama.cpp computes them: each activation row is quantized to Q8_0 blocks
-(32 int8 values and a scale, bit for bit as the `gguf` package quantizes), and a weight block
-meets an activation block as one integer dot product of 32 bytes, scaled once:
+"""Integer dot products for decode matmuls on GGUF block weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q4_K, Q5_K, Q6_K), the way llama.cpp computes them: each activation row is rounded to blocks of
+32 integer codes and a scale (`Precision`: llama.cpp's Q8_0 blocks, bit for bit as the `gguf`
+package quantizes, or 16-bit codes with a float32 scale), and a weight block (or a K-quant's
+32-value sub-block) meets an activation block as one integer dot product, scaled once:
 
-    w . x = sum over blocks b of  d_w[b] * d_x[b] * sum_j u[j] * q[j]  +  offset[b] * d_x[b] * sum_j q[j]
+    w . x = sum over blocks b of  s_w * d_x * sum_j u[j] * q[j]  +  m_w * d_x * sum_j q[j]
 
-where u is the block's unsigned code (0..15, 0..31, or 0..255 for Q8_0 read as q + 128) and
-offset is the block's min (Q4_1, Q5_1) or -zero * d_w (Q4_0: 8, Q5_0: 16, Q8_0: 128). The sums of
-q per block are computed once per activation row.
+where u is the block's code, s_w its scale (Q6_K: one per 16 values) and m_w its min (Q4_1,
+Q5_1, Q4_K, Q5_K). Codes are unsigned (0..15, 0..31, 0..63, or 0..255 for Q8_0 read as q + 128):
+with 8-bit activations (`vpdpbusd` multiplies unsigned by signed bytes) the zero point of the
+others (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128) comes off as -zero * sum_j q[j], precomputed
+per 16 activation codes; with 16-bit activations (`vpdpwssd`, signed words) the codes are made
+signed first.
 
-The row dot product is written in LLVM IR (a numba intrinsic per format and row count): a loop
-over blocks that unpacks 32 codes into one 256-bit vector, multiplies it with the activation
-block (`vpdpbusd` where the CPU has AVX-VNNI / AVX512-VNNI, else widening multiplies that every
-target has), and accumulates eight float lanes per activation row; one horizontal sum per row at
-the end. numba cannot express a vector register or that instruction, and its integer arithmetic
-widens to 64 bits, so the same loop written in Python ran at a quarter of the float kernels' speed.
+The row dot product is written in LLVM IR (a numba intrinsic per format, precision and row
+count): a loop over blocks (two at a time in 512-bit vectors where the CPU has AVX512-VNNI, one
+with AVX-VNNI, widening multiplies that every target has otherwise) that unpacks a block's
+codes once, multiplies them with up to four activation rows, and accumulates float lanes per
+row; one horizontal sum per row at the end. numba cannot express a vector register or those
+instructions, and its integer arithmetic widens to 64 bits: the same loop written in Python
+compiled to `vpmuldq` on 64-bit lanes, a quarter of the float kernels' speed.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ ROWS = 4  # activation rows that share one unpacked weight block
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Where a block's parts are (byte offsets, ggml-common.h) and how its code becomes a value."""
+    """A simple block of 32 values: where its parts are (byte offsets, ggml-common.h) and how
+    its code becomes a value."""
 
     block_bytes: int
     bits: int  # 4, 5 (4 + one bit from qh) or 8
@@ -49,17 +55,29 @@ class Layout:
     zero: int = 0
 
 
-LAYOUTS: dict[Q, Layout] = {
+@dataclass(frozen=True, slots=True)
+class KLayout:
+    """A K-quant super-block of 256 values: eight 32-value sub-blocks (see `_Emitter.k_block`)."""
+
+    block_bytes: int
+    name: str  # "q4_k", "q5_k" or "q6_k"
+    zero: int = 0
+
+
+LAYOUTS: dict[Q, Layout | KLayout] = {
     Q.Q8_0: Layout(34, 8, qs=2, zero=128),
     Q.Q4_0: Layout(18, 4, qs=2, zero=8),
     Q.Q4_1: Layout(20, 4, qs=4, m=2),
     Q.Q5_0: Layout(22, 5, qs=6, qh=2, zero=16),
     Q.Q5_1: Layout(24, 5, qs=8, m=2, qh=4),
+    Q.Q4_K: KLayout(144, "q4_k"),
+    Q.Q5_K: KLayout(176, "q5_k"),
+    Q.Q6_K: KLayout(210, "q6_k", zero=32),
 }
 
 
 def vector_blocks() -> int:
-    """Blocks per vpdpbusd for the CPU numba compiles for: 2 (512 bits, AVX512-VNNI), 1 (256
+    """Blocks per vector for the CPU numba compiles for: 2 (512 bits, AVX512-VNNI), 1 (256
     bits, AVX-VNNI), or 0: no VNNI, widening multiplies instead (one block at a time)."""
     if config.CPU_FEATURES:  # NUMBA_CPU_FEATURES: what numba targets instead of the host
         has = {f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")}
@@ -81,7 +99,7 @@ class Precision:
     bits: int
     lanes: int
     largest: int  # the largest code
-    # Per block, the row record holds its scale, code sum and scaled sum spread over its lanes
+    # Per block, the row record holds its scale, code sums and scaled sum spread over its lanes
     # (loaded as they are: one 512-bit vector holds two Q8 blocks), or once (compact: a 16-bit
     # block fills a vector, and a broadcast is free; the records of 16 rows then stay in L1).
     stored_lanes: int
@@ -109,19 +127,38 @@ def _indexes(values) -> ir.Constant:
     return ir.Constant(_vec(I32, len(values)), values)
 
 
-class _Emitter:
-    """IR for the row dot products: loads at byte addresses and the pieces of one iteration
-    over consecutive blocks (1, or 2 with 512-bit vectors)."""
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One 32-value weight block as the dot product needs it: its unsigned codes, the scale of
+    its first and last 16 values, and its min (None: a zero point instead)."""
 
-    def __init__(self, builder: ir.IRBuilder, layout: Layout, precision: Precision, vnni: int):
+    codes: ir.Value  # <32 x i8>
+    scale_low: ir.Value
+    scale_high: ir.Value
+    minimum: ir.Value | None
+
+
+class _Emitter:
+    """IR for the row dot products: loads at byte addresses, weight blocks, dot products."""
+
+    def __init__(self, builder: ir.IRBuilder, precision: Precision, vnni: int) -> None:
         self.b = builder
-        self.layout = layout
         self.precision = precision
         self.vnni = vnni
 
-    def load(self, address: ir.Value, offset: ir.Value, typ: ir.Type) -> ir.Value:
+    def load(self, address: ir.Value, offset: int | ir.Value, typ: ir.Type) -> ir.Value:
+        offset = I64(offset) if isinstance(offset, int) else offset
         pointer = self.b.inttoptr(self.b.add(address, offset), ir.PointerType())
         return self.b.load(pointer, typ=typ, align=1)
+
+    def half(self, address: ir.Value, offset: int) -> ir.Value:
+        return self.b.fpext(self.b.bitcast(self.load(address, offset, I16), ir.HalfType()), F32)
+
+    def byte(self, address: ir.Value, offset: int) -> ir.Value:
+        return self.load(address, offset, I8)
+
+    def splat8(self, value: int) -> ir.Constant:
+        return ir.Constant(_vec(I8, 32), value)
 
     def concat(self, parts: list[ir.Value]) -> ir.Value:
         """Vectors of equal length (a power of two of them), one after the other."""
@@ -135,36 +172,78 @@ class _Emitter:
         return [self.b.shuffle_vector(vector, vector, _indexes(range(i, i + size)))
                 for i in range(0, vector.type.count, size)]  # fmt: skip
 
-    def per_block(self, blocks: list[ir.Value], offset: int) -> ir.Value:
-        """The half at `offset` of each block, repeated over the block's lanes."""
-        b, width = self.b, len(blocks)
-        values = ir.Constant(_vec(F32, width), ir.Undefined)
-        for i, block in enumerate(blocks):
-            bits = self.load(block, I64(offset), I16)
-            value = b.fpext(b.bitcast(bits, ir.HalfType()), F32)
-            values = b.insert_element(values, value, I32(i))
-        mask = _indexes(i for i in range(width) for _ in range(self.precision.lanes))
-        return b.shuffle_vector(values, values, mask)
-
-    def codes(self, blocks: list[ir.Value]) -> ir.Value:
-        """The blocks' unsigned codes, 32 a block in value order, as <32 * width x i8>."""
-        b, layout, width = self.b, self.layout, len(blocks)
+    # ---- weight blocks ----------------------------------------------------------------------
+    def simple_block(self, block: ir.Value, layout: Layout) -> _Block:
+        b = self.b
+        d = self.half(block, layout.d)
+        minimum = self.half(block, layout.m) if layout.m is not None else None
         if layout.bits == 8:  # int8 q -> q + 128 as uint8
-            raw = self.concat([self.load(k, I64(layout.qs), _vec(I8, 32)) for k in blocks])
-            return b.xor(raw, ir.Constant(raw.type, 0x80))
-        packed = self.concat([self.load(k, I64(layout.qs), _vec(I8, 16)) for k in blocks])
-        low = b.and_(packed, ir.Constant(packed.type, 15))  # value j of block i: byte j's low
-        high = b.lshr(packed, ir.Constant(packed.type, 4))  # value j + 16: its high nibble
-        order = [base + j for i in range(width) for base in (16 * i, 16 * (width + i))
-                 for j in range(16)]  # fmt: skip
-        codes = b.shuffle_vector(low, high, _indexes(order))
+            codes = b.xor(self.load(block, layout.qs, _vec(I8, 32)), self.splat8(0x80))
+            return _Block(codes, d, d, minimum)
+        packed = self.load(block, layout.qs, _vec(I8, 16))  # values j and j + 16 share byte j
+        low = b.and_(packed, ir.Constant(packed.type, 15))
+        high = b.lshr(packed, ir.Constant(packed.type, 4))
+        codes = b.shuffle_vector(low, high, _indexes(range(32)))
         if layout.bits == 5:  # bit j of qh is the fifth bit of value j
-            bits = [b.bitcast(self.load(k, I64(layout.qh), I32), _vec(ir.IntType(1), 32))
-                    for k in blocks]  # fmt: skip
-            fifth = b.zext(self.concat(bits), codes.type)
-            codes = b.or_(codes, b.shl(fifth, ir.Constant(codes.type, 4)))
-        return codes
+            fifth = b.bitcast(self.load(block, layout.qh, I32), _vec(ir.IntType(1), 32))
+            codes = b.or_(codes, b.shl(b.zext(fifth, codes.type), self.splat8(4)))
+        return _Block(codes, d, d, minimum)
 
+    def k_block(self, block: ir.Value, layout: KLayout, j: int) -> _Block:
+        """Sub-block j (0..7) of a K-quant super-block (ggml-common.h, dequantize_row_*):
+        Q4_K / Q5_K: half d, dmin; 12 bytes of 6-bit scales and mins; (Q5_K: qh[32], bit j of
+        qh[l] the fifth bit of value l); qs[128], sub-blocks 2c and 2c + 1 the low and high
+        nibbles of qs[32c:32c + 32]. Q6_K: ql[128]; qh[64]; int8 scales[16], one per 16
+        values; half d: value l of sub-block j = 4n + g (n = 0, 1) takes ql[64n + 32(g % 2) + l]'s
+        low (g < 2) or high nibble, and bits 2g, 2g + 1 of qh[32n + l] above them."""
+        b = self.b
+        if layout.name == "q6_k":
+            n, g = divmod(j, 4)
+            ql = self.load(block, 64 * n + 32 * (g % 2), _vec(I8, 32))
+            low = b.and_(ql, self.splat8(15)) if g < 2 else b.lshr(ql, self.splat8(4))
+            qh = self.load(block, 128 + 32 * n, _vec(I8, 32))
+            top = b.and_(b.lshr(qh, self.splat8(2 * g)), self.splat8(3))
+            codes = b.or_(low, b.shl(top, self.splat8(4)))
+            d = self.half(block, 208)
+            scales = [b.fmul(d, b.sitofp(self.byte(block, 192 + 8 * n + 2 * g + i), F32))
+                      for i in range(2)]  # fmt: skip
+            return _Block(codes, scales[0], scales[1], None)
+        d, dmin, scales = self.half(block, 0), self.half(block, 2), 4
+        six = ir.Constant(I8, 63)
+        if j < 4:
+            scale = b.and_(self.byte(block, scales + j), six)
+            low_min = b.and_(self.byte(block, scales + j + 4), six)
+        else:  # low 4 bits in bytes 8-11, top 2 bits in the top of bytes 0-7
+            packed = self.byte(block, scales + j + 4)
+            scale = b.or_(b.and_(packed, ir.Constant(I8, 15)),
+                          b.shl(b.lshr(self.byte(block, scales + j - 4), I8(6)), I8(4)))  # fmt: skip
+            low_min = b.or_(b.lshr(packed, I8(4)),
+                            b.shl(b.lshr(self.byte(block, scales + j), I8(6)), I8(4)))  # fmt: skip
+        scale = b.fmul(d, b.uitofp(scale, F32))
+        minimum = b.fneg(b.fmul(dmin, b.uitofp(low_min, F32)))
+        qs = 16 + (32 if layout.name == "q5_k" else 0) + 32 * (j // 2)
+        nibbles = self.load(block, qs, _vec(I8, 32))
+        codes = b.and_(nibbles, self.splat8(15)) if j % 2 == 0 else b.lshr(nibbles, self.splat8(4))
+        if layout.name == "q5_k":
+            qh = self.load(block, 16, _vec(I8, 32))
+            fifth = b.and_(b.lshr(qh, self.splat8(j)), self.splat8(1))
+            codes = b.or_(codes, b.shl(fifth, self.splat8(4)))
+        return _Block(codes, scale, scale, minimum)
+
+    def spread(self, blocks: list[_Block], low_high: bool) -> ir.Value:
+        """Per-lane float vector of the blocks' scales (low_high) or mins: each value over its
+        block's lanes (a scale over the lanes of its 16 values)."""
+        b, lanes = self.b, self.precision.lanes
+        values = []
+        for block in blocks:
+            values += [block.scale_low, block.scale_high] if low_high else [block.minimum] * 2
+        vector = ir.Constant(_vec(F32, len(values)), ir.Undefined)
+        for i, value in enumerate(values):
+            vector = b.insert_element(vector, value, I32(i))
+        mask = [i for i in range(len(values)) for _ in range(lanes // 2)]
+        return b.shuffle_vector(vector, vector, _indexes(mask))
+
+    # ---- dot products -----------------------------------------------------------------------
     def dot(self, start: ir.Value, codes: ir.Value, activations: ir.Value) -> ir.Value:
         """start + the lane sums of codes times activations: int8 activations meet unsigned
         codes, four pairs a lane (vpdpbusd); int16 ones meet signed 16-bit codes, two pairs a
@@ -209,14 +288,52 @@ class _Emitter:
         return b.extract_element(vector, I32(0))
 
 
-def _row_dot(layout: Layout, precision: Precision, rows: int, vnni: int):
+class _RowRecords:
+    """Where activation row m's parts are (QuantizedRows: one record a row)."""
+
+    def __init__(self, e: _Emitter, x: ir.Value, k: ir.Value) -> None:
+        b, p = e.b, e.precision
+        self.e, self.x = e, x
+        self.code_bytes = b.mul(k, I64(p.bits // 8))
+        self.lane_bytes = b.udiv(b.mul(k, I64(p.stored_lanes)), I64(8))  # one lane array
+        self.record = b.add(self.code_bytes, b.mul(self.lane_bytes, I64(3)))
+
+    def codes(self, m: int, first: ir.Value, count: int) -> ir.Value:
+        b, bits = self.e.b, self.e.precision.bits
+        at = b.add(b.mul(I64(m), self.record), b.mul(first, I64(BLOCK * bits // 8)))
+        return self.e.load(self.x, at, _vec(ir.IntType(bits), BLOCK * count))
+
+    def lanes(self, m: int, array: int, first: ir.Value, count: int, typ, first_only: bool):
+        """Lane array `array` (0: scales, 1: code sums, 2: scaled sums) of `count` blocks over
+        their lanes; first_only: its values stored once a block go to the block's first lane
+        (the code sums: the first lane of each half-block), zeros to the others."""
+        e, b = self.e, self.e.b
+        lanes, stored = e.precision.lanes, e.precision.stored_lanes
+        at = b.add(b.add(b.mul(I64(m), self.record), self.code_bytes),
+                   b.add(b.mul(self.lane_bytes, I64(array)), b.mul(first, I64(4 * stored))))  # fmt: skip
+        if stored == lanes:
+            return e.load(self.x, at, _vec(typ, lanes * count))
+        values = e.load(self.x, at, _vec(typ, count))
+        if not first_only:
+            mask = [i for i in range(count) for _ in range(lanes)]
+            return b.shuffle_vector(values, values, _indexes(mask))
+        mask = [j // lanes if j % lanes == 0 else count for j in range(lanes * count)]
+        return b.shuffle_vector(values, ir.Constant(_vec(typ, count), None), _indexes(mask))
+
+
+def _row_dot(layout: Layout | KLayout, precision: Precision, rows: int, vnni: int):
     """An intrinsic (row, x, blocks, k) -> `rows` float32 dot products of one stored weight row
-    (byte address) with activation rows m = 0..rows-1 of a QuantizedRows at byte address x."""
-    width = max(vnni, 1)  # blocks per iteration
+    (byte address) with activation rows m = 0..rows-1 of a QuantizedRows at byte address x;
+    blocks: 32-value blocks of the row."""
+    width = max(vnni, 1)  # blocks per vector
     lanes = precision.lanes
-    # int8: the codes stay unsigned and -zero * (sum of the activation codes), in each block's
-    # first lane, starts the integer sum; int16: the codes are made signed instead.
-    shift = {8: 3, 16: 4, 128: 7}.get(layout.zero, 0) if precision.bits == 8 else 0
+    # int8: the codes stay unsigned, and -zero * (sum of the activation codes) starts each
+    # half-block's integer sum; int16: the codes are made signed instead.
+    shift = {8: 3, 16: 4, 32: 5, 128: 7}.get(layout.zero, 0) if precision.bits == 8 else 0
+    if isinstance(layout, KLayout):
+        has_min = layout.name != "q6_k"
+    else:
+        has_min = layout.m is not None
 
     @intrinsic
     def row_dot(typingctx, row, x, blocks, k):
@@ -227,70 +344,65 @@ def _row_dot(layout: Layout, precision: Precision, rows: int, vnni: int):
 
         def codegen(context, builder, signature, args):
             row, x, blocks, k = args
-            e = _Emitter(builder, layout, precision, vnni)
-            stored = precision.stored_lanes
-            code_bytes = builder.mul(k, I64(precision.bits // 8))
-            lane_bytes = builder.udiv(builder.mul(k, I64(stored)), I64(8))  # one lane array
-            record = builder.add(code_bytes, builder.mul(lane_bytes, I64(3)))
+            e = _Emitter(builder, precision, vnni)
+            records = _RowRecords(e, x, k)
 
-            def lane_values(address: ir.Value, count: int, typ: ir.Type, first_only: bool):
-                """A lane array's values for `count` blocks over their lanes (first_only: in
-                each block's first lane, zeros in the others)."""
-                if stored == lanes:
-                    return e.load(address, I64(0), _vec(typ, lanes * count))
-                values = e.load(address, I64(0), _vec(typ, count))
-                if not first_only:
-                    mask = [i for i in range(count) for _ in range(lanes)]
-                    return builder.shuffle_vector(values, values, _indexes(mask))
-                mask = [j // lanes if j % lanes == 0 else count for j in range(lanes * count)]
-                zeros = ir.Constant(_vec(typ, count), None)
-                return builder.shuffle_vector(values, zeros, _indexes(mask))
-
-            def iteration(first: ir.Value, count: int, accs: list) -> None:
-                blocks_here = [builder.add(row, builder.mul(builder.add(first, I64(i)),
-                                                            I64(layout.block_bytes)))
-                               for i in range(count)]  # fmt: skip
-                d = e.per_block(blocks_here, layout.d)
-                minimum = e.per_block(blocks_here, layout.m) if layout.m is not None else None
-                codes = e.codes(blocks_here)
+            def accumulate(first: ir.Value, weights: list[_Block], accs: list) -> None:
+                """Blocks first .. first + len(weights) - 1 of every row into its accumulator."""
+                count = len(weights)
+                codes = e.concat([w.codes for w in weights])
                 if precision.bits == 16:
-                    codes = builder.sub(builder.zext(codes, _vec(I16, codes.type.count)),
-                                        ir.Constant(_vec(I16, codes.type.count), layout.zero))  # fmt: skip
+                    wide = _vec(I16, codes.type.count)
+                    codes = builder.sub(builder.zext(codes, wide), ir.Constant(wide, layout.zero))
+                scale = e.spread(weights, True)
+                minimum = e.spread(weights, False) if has_min else None
                 ints, floats = _vec(I32, lanes * count), _vec(F32, lanes * count)
-                code_type = _vec(ir.IntType(precision.bits), BLOCK * count)
                 for m, acc in enumerate(accs):
-                    base = builder.add(x, builder.mul(I64(m), record))
-                    lanes_at = builder.mul(first, I64(4 * stored))
-                    scales = builder.add(builder.add(base, code_bytes), lanes_at)
-                    activations = e.load(base, builder.mul(first, I64(BLOCK * precision.bits // 8)),
-                                         code_type)  # fmt: skip
                     if shift:
-                        sums = lane_values(builder.add(scales, lane_bytes), count, I32, True)
+                        sums = records.lanes(m, 1, first, count, I32, True)
                         start = builder.shl(sums, ir.Constant(ints, shift))
                     else:
                         start = ir.Constant(ints, 0)
-                    dot = builder.sitofp(e.dot(start, codes, activations), floats)
-                    scaled = builder.fmul(dot, lane_values(scales, count, F32, False))
-                    value = e.fmuladd(scaled, d, builder.load(acc))
+                    dot = e.dot(start, codes, records.codes(m, first, count))
+                    dx = records.lanes(m, 0, first, count, F32, False)
+                    value = e.fmuladd(builder.fmul(builder.sitofp(dot, floats), dx), scale,
+                                      builder.load(acc))  # fmt: skip
                     if minimum is not None:  # + min * d_x * (sum of the codes)
-                        at = builder.add(scales, builder.mul(lane_bytes, I64(2)))
-                        value = e.fmuladd(lane_values(at, count, F32, True), minimum, value)
+                        scaled_sums = records.lanes(m, 2, first, count, F32, True)
+                        value = e.fmuladd(scaled_sums, minimum, value)
                     builder.store(value, acc)
 
-            totals = []
-
-            def loop(first_block: ir.Value, count: ir.Value, step: int) -> None:
+            def accumulators(step: int) -> list:
                 zero = ir.Constant(_vec(F32, lanes * step), 0.0)
-                accs = [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
-                with cgutils.for_range(builder, count) as it:
-                    first = builder.add(first_block, builder.mul(it.index, I64(step)))
-                    iteration(first, step, accs)
-                totals.append([e.horizontal_sum(builder.load(a)) for a in accs])
+                return [cgutils.alloca_once_value(builder, zero) for _ in range(rows)]
 
-            loop(I64(0), builder.udiv(blocks, I64(width)), width)
-            if width > 1:  # the odd last block
-                done = builder.mul(builder.udiv(blocks, I64(width)), I64(width))
-                loop(done, builder.sub(blocks, done), 1)
+            def block_at(index: ir.Value) -> ir.Value:
+                return builder.add(row, builder.mul(index, I64(layout.block_bytes)))
+
+            totals = []
+            accs = accumulators(width)
+            if isinstance(layout, KLayout):  # eight sub-blocks a super-block, `width` at a time
+                with cgutils.for_range(builder, builder.udiv(blocks, I64(8))) as it:
+                    block = block_at(it.index)
+                    for j in range(0, 8, width):
+                        weights = [e.k_block(block, layout, j + i) for i in range(width)]
+                        first = builder.add(builder.mul(it.index, I64(8)), I64(j))
+                        accumulate(first, weights, accs)
+                totals.append([e.horizontal_sum(builder.load(a)) for a in accs])
+            else:
+                with cgutils.for_range(builder, builder.udiv(blocks, I64(width))) as it:
+                    first = builder.mul(it.index, I64(width))
+                    weights = [e.simple_block(block_at(builder.add(first, I64(i))), layout)
+                               for i in range(width)]  # fmt: skip
+                    accumulate(first, weights, accs)
+                totals.append([e.horizontal_sum(builder.load(a)) for a in accs])
+                if width > 1:  # the odd last block
+                    tail = accumulators(1)
+                    done = builder.mul(builder.udiv(blocks, I64(width)), I64(width))
+                    with cgutils.for_range(builder, builder.sub(blocks, done)) as it:
+                        first = builder.add(done, it.index)
+                        accumulate(first, [e.simple_block(block_at(first), layout)], tail)
+                    totals.append([e.horizontal_sum(builder.load(a)) for a in tail])
             sums = [totals[0][m] if len(totals) == 1 else builder.fadd(totals[0][m], totals[1][m])
                     for m in range(rows)]  # fmt: skip
             if rows == 1:
@@ -306,9 +418,8 @@ VNNI = vector_blocks()
 
 
 def _pair(qtype: Q, precision: Precision):
-    return _row_dot(LAYOUTS[qtype], precision, 1, VNNI), _row_dot(
-        LAYOUTS[qtype], precision, ROWS, VNNI
-    )
+    layout = LAYOUTS[qtype]
+    return _row_dot(layout, precision, 1, VNNI), _row_dot(layout, precision, ROWS, VNNI)
 
 
 _Q8_0_1, _Q8_0_4 = _pair(Q.Q8_0, Q8)
@@ -316,11 +427,17 @@ _Q4_0_1, _Q4_0_4 = _pair(Q.Q4_0, Q8)
 _Q4_1_1, _Q4_1_4 = _pair(Q.Q4_1, Q8)
 _Q5_0_1, _Q5_0_4 = _pair(Q.Q5_0, Q8)
 _Q5_1_1, _Q5_1_4 = _pair(Q.Q5_1, Q8)
+_Q4_K_1, _Q4_K_4 = _pair(Q.Q4_K, Q8)
+_Q5_K_1, _Q5_K_4 = _pair(Q.Q5_K, Q8)
+_Q6_K_1, _Q6_K_4 = _pair(Q.Q6_K, Q8)
 _W8_0_1, _W8_0_4 = _pair(Q.Q8_0, Q16)  # the same weights against 16-bit activations
 _W4_0_1, _W4_0_4 = _pair(Q.Q4_0, Q16)
 _W4_1_1, _W4_1_4 = _pair(Q.Q4_1, Q16)
 _W5_0_1, _W5_0_4 = _pair(Q.Q5_0, Q16)
 _W5_1_1, _W5_1_4 = _pair(Q.Q5_1, Q16)
+_W4_K_1, _W4_K_4 = _pair(Q.Q4_K, Q16)
+_W5_K_1, _W5_K_4 = _pair(Q.Q5_K, Q16)
+_W6_K_1, _W6_K_4 = _pair(Q.Q6_K, Q16)
 
 
 # ---- activations ------------------------------------------------------------------------------
@@ -341,10 +458,11 @@ def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
     """Each row of x in blocks of 32 codes round(x / d) (halves away from zero, gguf's
     np_roundf) with d = max|x| / largest. With largest 127 these are Q8_0 blocks as
     `gguf.quants.quantize(x, Q8_0)` computes them, the scale stored as a half; with 32767 the
-    scale stays float32. Per block b, over its lanes: scales[m, b] = d (every lane), sums[m, b]
-    = (-sum of the codes, 0, ...), scaled_sums[m, b] = (d * sum of the codes, 0, ...), as the
-    row dot products add them to a block's lanes."""
+    scale stays float32. Per block b, over its stored lanes: scales[m, b] = d (every lane),
+    sums[m, b] = minus the sums of its first and last 16 codes in the first lane of each half
+    (zeros elsewhere), scaled_sums[m, b] = (d * the sum of its codes, 0, ...)."""
     rows, width = x.shape
+    half = sums.shape[2] // 2
     for m in range(rows):
         for b in range(width // BLOCK):
             top = np.float32(0)
@@ -352,7 +470,7 @@ def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
                 top = max(top, abs(x[m, b * BLOCK + j]))
             d = top / np.float32(largest)
             inverse = np.float32(1) / d if d != 0 else np.float32(0)
-            total = 0
+            first = total = 0
             for j in range(BLOCK):
                 v = x[m, b * BLOCK + j] * inverse
                 a = abs(v)
@@ -361,11 +479,14 @@ def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
                 code = q if v >= 0 else -q
                 codes[m, b * BLOCK + j] = code
                 total += code
+                if j < BLOCK // 2:
+                    first += code
             if largest == 127:
                 d = _to_half_and_back(d)
             scales[m, b, :] = d
             sums[m, b, :] = 0
-            sums[m, b, 0] = -total
+            if half:
+                sums[m, b, 0], sums[m, b, half] = -first, first - total
             scaled_sums[m, b, :] = 0
             scaled_sums[m, b, 0] = d * np.float32(total)
 
@@ -421,6 +542,24 @@ def matmul_q5_1(data, x, k, out, col0, chunks):
 
 
 @kernel(parallel=True)
+def matmul_q4_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_Q4_K_1, _Q4_K_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q5_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_Q5_K_1, _Q5_K_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul_q6_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_Q6_K_1, _Q6_K_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
 def matmul16_q8_0(data, x, k, out, col0, chunks):
     for chunk in prange(chunks):
         _chunk(_W8_0_1, _W8_0_4, data, x, k, out, col0, chunks, chunk)
@@ -450,12 +589,36 @@ def matmul16_q5_1(data, x, k, out, col0, chunks):
         _chunk(_W5_1_1, _W5_1_4, data, x, k, out, col0, chunks, chunk)
 
 
+@kernel(parallel=True)
+def matmul16_q4_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W4_K_1, _W4_K_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q5_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W5_K_1, _W5_K_4, data, x, k, out, col0, chunks, chunk)
+
+
+@kernel(parallel=True)
+def matmul16_q6_k(data, x, k, out, col0, chunks):
+    for chunk in prange(chunks):
+        _chunk(_W6_K_1, _W6_K_4, data, x, k, out, col0, chunks, chunk)
+
+
 MATMULS: dict[Precision, dict[Q, object]] = {
-    Q8: {Q.Q8_0: matmul_q8_0, Q.Q4_0: matmul_q4_0, Q.Q4_1: matmul_q4_1,
-         Q.Q5_0: matmul_q5_0, Q.Q5_1: matmul_q5_1},
+    Q8: {Q.Q8_0: matmul_q8_0, Q.Q4_0: matmul_q4_0, Q.Q4_1: matmul_q4_1, Q.Q5_0: matmul_q5_0,
+         Q.Q5_1: matmul_q5_1, Q.Q4_K: matmul_q4_k, Q.Q5_K: matmul_q5_k, Q.Q6_K: matmul_q6_k},
     Q16: {Q.Q8_0: matmul16_q8_0, Q.Q4_0: matmul16_q4_0, Q.Q4_1: matmul16_q4_1,
-          Q.Q5_0: matmul16_q5_0, Q.Q5_1: matmul16_q5_1},
+          Q.Q5_0: matmul16_q5_0, Q.Q5_1: matmul16_q5_1, Q.Q4_K: matmul16_q4_k,
+          Q.Q5_K: matmul16_q5_k, Q.Q6_K: matmul16_q6_k},
 }  # fmt: skip
+
+
+def kernels_for(qtype: Q) -> dict[Precision, object]:
+    """A format's matmul per activation precision."""
+    return {precision: table[qtype] for precision, table in MATMULS.items()}
 
 
 class QuantizedRows:
@@ -484,8 +647,3 @@ class QuantizedRows:
         """out[:, col0 + n] = these rows . weight row n, by the kernel for their precision of
         `kernels` (one format's: `kernels_for`)."""
         kernels[self.precision](data, self.packed, self.width, out, col0, chunks)
-
-
-def kernels_for(qtype: Q) -> dict[Precision, object]:
-    """A format's matmul per activation precision."""
-    return {precision: table[qtype] for precision, table in MATMULS.items()}
