@@ -454,17 +454,27 @@ def _to_half_and_back(typingctx, value):
 
 
 @kernel(exact=True)
-def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
+def quantize_rows(x, packed, largest, stored):
     """Each row of x in blocks of 32 codes round(x / d) (halves away from zero, gguf's
-    np_roundf) with d = max|x| / largest. With largest 127 these are Q8_0 blocks as
-    `gguf.quants.quantize(x, Q8_0)` computes them, the scale stored as a half; with 32767 the
-    scale stays float32. Per block b, over its stored lanes: scales[m, b] = d (every lane),
-    sums[m, b] = minus the sums of its first and last 16 codes in the first lane of each half
-    (zeros elsewhere), scaled_sums[m, b] = (d * the sum of its codes, 0, ...)."""
+    np_roundf) with d = max|x| / largest, into its record of packed (QuantizedRows). With
+    largest 127 these are Q8_0 blocks as `gguf.quants.quantize(x, Q8_0)` computes them (int8
+    codes, the scale stored as a half); with 32767 int16 codes and a float32 scale. Per block,
+    `stored` lanes each: the scale d (every lane); minus the sums of its first and last 16
+    codes in the first lane of each half (zeros elsewhere; with one lane, unused); d times the
+    sum of its codes in the first lane (zeros elsewhere)."""
     rows, width = x.shape
-    half = sums.shape[2] // 2
+    blocks, half = width // BLOCK, stored // 2
+    code_bytes = width if largest == 127 else 2 * width
+    lane_bytes = 4 * blocks * stored
     for m in range(rows):
-        for b in range(width // BLOCK):
+        record = packed[m]
+        codes8, codes16 = record[:code_bytes].view(np.int8), record[:code_bytes].view(np.int16)
+        scales = record[code_bytes : code_bytes + lane_bytes].view(np.float32)
+        sums = record[code_bytes + lane_bytes : code_bytes + 2 * lane_bytes].view(np.int32)
+        scaled_sums = record[code_bytes + 2 * lane_bytes : code_bytes + 3 * lane_bytes].view(
+            np.float32
+        )
+        for b in range(blocks):
             top = np.float32(0)
             for j in range(BLOCK):
                 top = max(top, abs(x[m, b * BLOCK + j]))
@@ -477,18 +487,42 @@ def quantize_rows(x, codes, scales, sums, scaled_sums, largest):
                 whole = np.floor(a)
                 q = int(whole + np.floor(np.float32(2) * (a - whole)))
                 code = q if v >= 0 else -q
-                codes[m, b * BLOCK + j] = code
+                if largest == 127:
+                    codes8[b * BLOCK + j] = code
+                else:
+                    codes16[b * BLOCK + j] = code
                 total += code
                 if j < BLOCK // 2:
                     first += code
             if largest == 127:
                 d = _to_half_and_back(d)
-            scales[m, b, :] = d
-            sums[m, b, :] = 0
+            lanes = b * stored
+            for lane in range(stored):
+                scales[lanes + lane] = d
+                sums[lanes + lane] = 0
+                scaled_sums[lanes + lane] = 0
             if half:
-                sums[m, b, 0], sums[m, b, half] = -first, first - total
-            scaled_sums[m, b, :] = 0
-            scaled_sums[m, b, 0] = d * np.float32(total)
+                sums[lanes], sums[lanes + half] = -first, first - total
+            scaled_sums[lanes] = d * np.float32(total)
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """A hint to bring the cache line at a byte address into the caches (no fault if invalid)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), I32, I32, I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        pointer = builder.inttoptr(args[0], ir.PointerType())
+        builder.call(fn, [pointer, I32(0), I32(3), I32(1)])  # read, keep, data cache
+        return context.get_dummy_value()
+
+    return types.none(address), codegen
+
+
+PREFETCH_BYTES = 2048  # how far ahead of the row being read its chunk's rows are prefetched
 
 
 @inline()
@@ -497,8 +531,13 @@ def _chunk(dot1, dot4, data, x, k, out, col0, chunks, chunk):
     rows, count, blocks = data.shape[0], x.shape[0], k // BLOCK
     per = -(-rows // chunks)
     base, stride, x0, record = data.ctypes.data, data.strides[0], x.ctypes.data, x.strides[0]
-    for n in range(chunk * per, min(rows, (chunk + 1) * per)):
+    stop = min(rows, (chunk + 1) * per)
+    ahead = max(1, PREFETCH_BYTES // stride)
+    for n in range(chunk * per, stop):
         row = base + n * stride
+        if n + ahead < stop:
+            for line in range(0, stride, 64):
+                _prefetch(row + ahead * stride + line)
         m = 0
         while m + 4 <= count:
             out[m, col0 + n], out[m + 1, col0 + n], out[m + 2, col0 + n], out[m + 3, col0 + n] = (
@@ -623,25 +662,35 @@ def kernels_for(qtype: Q) -> dict[Precision, object]:
 
 class QuantizedRows:
     """Activation rows rounded to blocks of integer codes, as the row dot products read them:
-    one record a row (Precision.record_bytes)."""
+    one record a row (Precision.record_bytes): codes, then per block its scales, code sums and
+    scaled sums (`stored_lanes` 4-byte values each)."""
 
     def __init__(self, x: np.ndarray, precision: Precision) -> None:
-        rows, width = x.shape
         self.precision = precision
-        self.width = width
-        code_bytes, lane_bytes = width * precision.bits // 8, width * precision.stored_lanes // 8
-        self.packed = np.empty((rows, precision.record_bytes(width)), np.uint8)
-        lanes = (rows, width // BLOCK, precision.stored_lanes)
+        self.width = x.shape[1]
+        self.packed = np.empty((x.shape[0], precision.record_bytes(self.width)), np.uint8)
+        quantize_rows(x, self.packed, precision.largest, precision.stored_lanes)
 
-        def part(start: int, size: int, dtype, shape) -> np.ndarray:
-            return self.packed[:, start : start + size].view(dtype).reshape(shape)
+    def _part(self, index: int, dtype) -> np.ndarray:
+        p, rows, width = self.precision, self.packed.shape[0], self.width
+        code_bytes, lane_bytes = width * p.bits // 8, width * p.stored_lanes // 8
+        if index < 0:
+            return self.packed[:, :code_bytes].view(dtype)
+        start = code_bytes + index * lane_bytes
+        lanes = self.packed[:, start : start + lane_bytes].view(dtype)
+        return lanes.reshape(rows, width // BLOCK, p.stored_lanes)
 
-        code_type = np.int8 if precision.bits == 8 else np.int16
-        self.codes = part(0, code_bytes, code_type, (rows, width))
-        self.scales = part(code_bytes, lane_bytes, np.float32, lanes)
-        self.sums = part(code_bytes + lane_bytes, lane_bytes, np.int32, lanes)
-        scaled_sums = part(code_bytes + 2 * lane_bytes, lane_bytes, np.float32, lanes)
-        quantize_rows(x, self.codes, self.scales, self.sums, scaled_sums, precision.largest)
+    @property
+    def codes(self) -> np.ndarray:  # [rows, width] int8 / int16
+        return self._part(-1, np.int8 if self.precision.bits == 8 else np.int16)
+
+    @property
+    def scales(self) -> np.ndarray:  # [rows, blocks, stored lanes] float32
+        return self._part(0, np.float32)
+
+    @property
+    def sums(self) -> np.ndarray:  # [rows, blocks, stored lanes] int32
+        return self._part(1, np.int32)
 
     def matmul(self, kernels: dict, data: np.ndarray, out: np.ndarray, col0: int, chunks: int):
         """out[:, col0 + n] = these rows . weight row n, by the kernel for their precision of
