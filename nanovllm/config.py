@@ -17,8 +17,9 @@ class EngineConfig:
     dtype: str = "auto"
     # "auto": quantized weights (GGUF blocks) stay as stored where the backend has kernels for
     # them; "none": every weight is dequantized to the compute dtype at load; "q8-activations"
-    # (the cpu backend): as "auto", and decode matmuls on Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 weights round
-    # their input rows to Q8_0 blocks and use integer dot products, as llama.cpp does.
+    # (the cpu backend): as "auto", and decode matmuls on GGUF block weights round their input
+    # rows to Q8_0 blocks for integer dot products, as llama.cpp does (by default they round
+    # one or two rows to 16-bit codes, nanovllm/backends/cpu.py).
     quantization: str = "auto"
     block_size: int = 16
     num_blocks: int | str = 512  # "auto": size the KV cache from free GPU memory

@@ -6,13 +6,13 @@ as they are (memory ~ the file) and runs them through nanovllm/backends/cpu_quan
 of the step through nanovllm/backends/cpu_ops.py. Tests check each kernel against the reference.
 
 Matmuls pick their path by batch rows: up to MAX_KERNEL_ROWS rows (decode) the quantized kernel
-reads each weight byte once per step. For Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weights that is an
-integer dot product with the activation rows rounded to blocks of codes (cpu_int8.py): 16-bit
-codes for one or two rows (logits within ~1e-2 of float32's), or with `--quantization
-q8-activations` Q8_0 blocks for every decode batch (llama.cpp's arithmetic: faster on batches,
-logits that move by up to ~1); otherwise in float32 (cpu_quant.py). Above MAX_KERNEL_ROWS
-(prefill), tiles of weight rows are dequantized into a reused float32 buffer and multiplied with
-BLAS, whose cost the many rows amortize.
+reads each weight byte once per step. For GGUF block weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q4_K, Q5_K, Q6_K) that is an integer dot product with the activation rows rounded to blocks of
+codes (cpu_int8.py): 16-bit codes for one or two rows (logits within ~1e-2 of float32's), or
+with `--quantization q8-activations` Q8_0 blocks for every decode batch (llama.cpp's arithmetic:
+faster on batches, logits that move by up to ~1); otherwise in float32 (cpu_quant.py). Above
+MAX_KERNEL_ROWS (prefill), tiles of weight rows are dequantized into a reused float32 buffer and
+multiplied with BLAS, whose cost the many rows amortize.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class CPUBackend(ReferenceBackend):
         self.threads = ThreadControl(num_threads)
         self.dequantize_at_load = quantization == "none"  # float32 rows, as cpu-reference has
         # Decode matmuls round their input rows to blocks of 16-bit codes (float32's top
-        # token and ~1e-5 of its logits), or to llama.cpp's Q8_0 blocks (faster, looser).
+        # token, logits within ~1e-2), or to llama.cpp's Q8_0 blocks (faster, looser).
         self.activations = Q8 if quantization == "q8-activations" else Q16
         self._tile: np.ndarray | None = None
         self._plan: _AttentionPlan | None = None
