@@ -29,7 +29,7 @@ from nanovllm.backends.cpu_quant import FORMATS, HALF_BLOCK, Format, Q
 from nanovllm.backends.cpu_reference import ReferenceBackend, Scores, prefill_attention
 from nanovllm.models.quantized import FusedWeight, QuantizedTensor, Weight
 
-MAX_KERNEL_ROWS = 24  # batch rows up to which the kernel beats dequantize + BLAS (measured)
+MAX_KERNEL_ROWS = 64  # batch rows up to which the kernel beats dequantize + BLAS (measured)
 # Batch rows up to which integer dot products run, per activation precision: 16-bit codes cost
 # twice the instructions of 8-bit ones, and beat the float32 kernel only where the weights'
 # reads dominate (measured, docs/benchmarks.md "Integer dot products").

@@ -24,50 +24,58 @@ def paged_attention(
     out, q, k_cache, v_cache, block_tables, query_start, context_lens, scale, window, soft_cap, rows
 ):
     """Causal attention of the query tokens `rows` (flat-batch rows) over their sequences' cached
-    context; one work item per (token, query head). Token i of a sequence with Q new tokens and
-    C cached ones (this step's included) sits at position p = C - Q + i and sees positions
-    0..p, or only p - window + 1..p when window > 0 (blocks below it may be released: never
-    read). Scores are scaled, then soft-capped (cap * tanh(s / cap)) when soft_cap > 0, go to a
-    buffer, then a softmax, then the weighted sum of values: K and V are read from their blocks
-    in place, never gathered."""
+    context; one work item per (token, KV head), for the query heads that share that KV head
+    (each key and value is read once for all of them: with SmolLM2's 3 query heads a KV head,
+    a third of the cache reads of one item per query head, which made attention memory-bound on
+    32 long sequences). Token i of a sequence with Q new tokens and C cached ones (this step's
+    included) sits at position p = C - Q + i and sees positions 0..p, or only p - window + 1..p
+    when window > 0 (blocks below it may be released: never read). Scores are scaled, then
+    soft-capped (cap * tanh(s / cap)) when soft_cap > 0, go to a buffer, then a softmax, then
+    the weighted sum of values: K and V are read from their blocks in place, never gathered."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    for item in prange(rows.size * num_heads):
-        t, head = rows[item // num_heads], item % num_heads
-        kv_head = head // group
+    for item in prange(rows.size * num_kv_heads):
+        t, kv_head = rows[item // num_kv_heads], item % num_kv_heads
+        heads = q[t, kv_head * group : (kv_head + 1) * group]
         seq = np.searchsorted(query_start, t, side="right") - 1
         query_len = query_start[seq + 1] - query_start[seq]
         length = context_lens[seq] - query_len + (t - query_start[seq]) + 1
         first = max(length - window, 0) if window > 0 else 0
-        query = q[t, head]
-        scores = np.empty(length - first, F32)
-        best = F32(-np.inf)
+        scores = np.empty((group, length - first), F32)
         for pos in range(first, length):
             block = block_tables[seq, pos // block_size]
             key = k_cache[block, pos % block_size, kv_head]
-            s = F32(0)
-            for d in range(head_dim):
-                s += query[d] * key[d]
-            s *= scale
-            if soft_cap > 0:
-                s = F32(math.tanh(s / soft_cap)) * soft_cap
-            scores[pos - first] = s
-            best = max(best, s)
-        total = F32(0)
-        for i in range(length - first):
-            p = math.exp(scores[i] - best)
-            scores[i] = p
-            total += p
-        acc = np.zeros(head_dim, F32)
+            for g in range(group):
+                s = F32(0)
+                for d in range(head_dim):
+                    s += heads[g, d] * key[d]
+                s *= scale
+                if soft_cap > 0:
+                    s = F32(math.tanh(s / soft_cap)) * soft_cap
+                scores[g, pos - first] = s
+        totals = np.empty(group, F32)
+        for g in range(group):
+            best = F32(-np.inf)
+            for i in range(length - first):
+                best = max(best, scores[g, i])
+            total = F32(0)
+            for i in range(length - first):
+                p = math.exp(scores[g, i] - best)
+                scores[g, i] = p
+                total += p
+            totals[g] = total
+        acc = np.zeros((group, head_dim), F32)
         for pos in range(first, length):
             block = block_tables[seq, pos // block_size]
             value = v_cache[block, pos % block_size, kv_head]
-            p = scores[pos - first]
+            for g in range(group):
+                p = scores[g, pos - first]
+                for d in range(head_dim):
+                    acc[g, d] += p * value[d]
+        for g in range(group):
             for d in range(head_dim):
-                acc[d] += p * value[d]
-        for d in range(head_dim):
-            out[t, head, d] = acc[d] / total
+                out[t, kv_head * group + g, d] = acc[g, d] / totals[g]
 
 
 @kernel()
