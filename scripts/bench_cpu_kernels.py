@@ -1,8 +1,10 @@
 """The cpu backend's matmul kernels per stored format, against float32 BLAS on the same shape.
 
-For each format, `linear` on a random [rows, cols] matrix for batches of M rows, once through the
-quantized kernel and once through the tiled path (dequantize tiles, BLAS), so the crossover
-(MAX_KERNEL_ROWS in nanovllm/backends/cpu.py) can be read off. Times are the best of several
+For each format, `linear` on a random [rows, cols] matrix for batches of M rows, through the
+quantized kernels — on activations rounded to 8-bit (q8) and 16-bit (q16) codes where the
+format has integer kernels (nanovllm/backends/cpu_int8.py), and on float32 activations — and
+through the tiled path (dequantize tiles, BLAS), so the crossovers (MAX_INTEGER_ROWS and
+MAX_KERNEL_ROWS in nanovllm/backends/cpu.py) can be read off. Times are the best of several
 runs in process CPU time (`--clock cpu`, the default: robust on a shared machine, meaningful
 with one thread) or wall time (`--clock wall`).
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _gguf_reference import random_matrix_bytes  # noqa: E402
 
 from nanovllm.backends import cpu  # noqa: E402
+from nanovllm.backends.cpu_int8 import Q8, Q16  # noqa: E402
 from nanovllm.backends.cpu_quant import FORMATS  # noqa: E402
 from nanovllm.models.quantized import QuantizedTensor  # noqa: E402
 
@@ -67,12 +70,21 @@ def main() -> None:
             )
             weight = backend.weight(stored)
             cpu.MAX_KERNEL_ROWS = 1 << 30
+            times = []
+            for precision in (Q8, Q16) if weight.parts[0].kernels.integer else ():
+                cpu.MAX_INTEGER_ROWS = {Q8: 1 << 30, Q16: 1 << 30}
+                backend.activations = precision
+                times.append(
+                    f"q{precision.bits} {best(backend.linear, clock, x, weight) * 1e3:.3f}"
+                )
+            cpu.MAX_INTEGER_ROWS = {Q8: 0, Q16: 0}
             kernel = best(backend.linear, clock, x, weight)
             cpu.MAX_KERNEL_ROWS = 0
             tiled = best(backend.linear, clock, x, weight)
             gb_s = stored.nbytes / kernel / 1e9
             cells.append(
-                f"{name} kernel {kernel * 1e3:7.3f} ms ({gb_s:4.1f} GB/s) tiled {tiled * 1e3:7.3f}"
+                f"{name} {' '.join(times)} float {kernel * 1e3:.3f} ms ({gb_s:4.1f} GB/s) "
+                f"tiled {tiled * 1e3:.3f}"
             )
         print(" | ".join(cells), flush=True)
 

@@ -7,13 +7,20 @@ Usage: NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python scripts/profile_ops.py 
 
 `--clock cpu` (process CPU time) is the figure to trust on a shared machine with one thread;
 `--clock wall` is what a user sees, and the one to use for several threads.
+
+`--workload batch|mix` instead runs scripts/compare_peers.py's workload of that name through
+`LLM.generate` and splits each op's time by the rows of its call (1-2: the 16-bit integer path;
+3 to MAX_KERNEL_ROWS: the decode kernels; more: prefill, dequantize + BLAS); `--kernel-rows N`
+sets MAX_KERNEL_ROWS for the run (nanovllm/backends/cpu.py), to find the crossover in the engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
+from pathlib import Path
 
 OPS = ("linear", "rms_norm", "rotary", "silu_and_mul", "write_kv", "paged_attention", "embedding")
 
@@ -27,8 +34,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--quantization", default="auto", help="auto, none or q8-activations")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--workload", choices=("single", "batch", "mix"), default="single")
+    parser.add_argument("--kernel-rows", type=int, help="MAX_KERNEL_ROWS for this run")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.kernel_rows is not None:
+        from nanovllm.backends import cpu
+
+        cpu.MAX_KERNEL_ROWS = args.kernel_rows
+        cpu.MAX_INTEGER_ROWS[cpu.Q8] = args.kernel_rows
+    if args.workload != "single":
+        profile_workload(args, clock)
+        return
 
     from nanovllm.models import load_model
 
@@ -62,6 +79,53 @@ def main() -> None:
         per_token = seconds / args.tokens
         print(f"  {name:16s} {per_token * 1e3:7.2f} ms/token  ({calls[name] // args.tokens} calls)")
     print(f"  {'other':16s} {(total - sum(spent.values()) / args.tokens) * 1e3:7.2f} ms/token")
+
+
+def profile_workload(args: argparse.Namespace, clock) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare_peers import workload
+
+    from nanovllm import LLM, SamplingParams
+
+    llm = LLM(
+        args.model, device=args.device, quantization=args.quantization, max_num_seqs=32,
+        num_blocks=1024, max_num_batched_tokens=1024, max_model_len=1024,
+    )  # fmt: skip
+    backend = llm.engine.runner.backend
+    from nanovllm.backends.cpu import MAX_KERNEL_ROWS
+
+    spent: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+
+    def bucket(rows: int) -> str:
+        return "1-2" if rows <= 2 else f"3-{MAX_KERNEL_ROWS}" if rows <= MAX_KERNEL_ROWS else "more"
+
+    for name in OPS:
+        op = getattr(backend, name)
+
+        def timed(*a, _op=op, _name=name, **k):
+            start = clock()
+            result = _op(*a, **k)
+            key = f"{_name} ({bucket(a[0].shape[0])} rows)"
+            spent[key] += clock() - start
+            calls[key] += 1
+            return result
+
+        setattr(backend, name, timed)
+    prompts, outputs = workload(args.workload, llm.engine.model_config.vocab_size)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # compiles, warms caches
+    spent.clear()
+    calls.clear()
+    start = clock()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    total = clock() - start
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    print(f"{args.device} {args.model} {args.workload}: {tokens / total:.1f} output tok/s "
+          f"({total:.1f} s, {args.clock} time, MAX_KERNEL_ROWS {MAX_KERNEL_ROWS})")  # fmt: skip
+    for name, seconds in spent.most_common():
+        print(f"  {name:34s} {seconds:7.2f} s  ({calls[name]} calls)")
+    print(f"  {'other':34s} {total - sum(spent.values()):7.2f} s")
 
 
 if __name__ == "__main__":
