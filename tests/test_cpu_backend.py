@@ -46,8 +46,9 @@ def test_next_token_is_the_references_at_every_position(both, chunks):
 
 
 def test_q8_activations_round_as_llama_cpp_does_and_keep_the_top_token(both):
-    """With --quantization q8-activations, decode matmuls read activation rows rounded to Q8_0 (integer dot products; the kernels
-    are checked exactly in tests/test_cpu_int8.py). Over the model that rounding moves logits:
+    """With --quantization q8-activations, decode matmuls read activation rows rounded to Q8_0
+    (integer dot products; the kernels are checked exactly in tests/test_cpu_int8.py). Over
+    the model that rounding moves logits:
     llama.cpp's own logits for this text differ from the float reference by max 0.97 / mean
     0.149 (SmolLM2) and 0.75 / 0.054 (Qwen), flipping the top token twice where the reference's
     margin was 0.06 and 0.01 (docs/benchmarks.md). The same bounds hold here: a flip only where
