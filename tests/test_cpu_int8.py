@@ -135,3 +135,15 @@ def test_the_code_path_follows_the_cpu_numba_compiles_for(monkeypatch):
     monkeypatch.setattr(cpu_int8.config, "CPU_FEATURES", "")
     monkeypatch.setattr(cpu_int8.config, "CPU_NAME", "generic")
     assert cpu_int8.vector_blocks() == 0
+
+
+@PRECISIONS
+def test_a_nan_or_infinite_activation_makes_its_rows_outputs_nan(precision):
+    """As float32 arithmetic would: the engine's non-finite check must still see it."""
+    rng = np.random.default_rng(3)
+    data = random_matrix_bytes(rng, "Q4_1", 7, 64)
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    x[1, 40], x[3, 2] = np.nan, np.inf
+    out = np.zeros((5, 7), np.float32)
+    QuantizedRows(x, precision).matmul(kernels_for(Q.Q4_1), data, out, 0, 2)
+    assert np.isnan(out[[1, 3]]).all() and np.isfinite(out[[0, 2, 4]]).all()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import gguf
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -453,7 +454,7 @@ def _to_half_and_back(typingctx, value):
     return types.float32(types.float32), codegen
 
 
-@kernel(exact=True)
+@numba.njit(cache=True)  # strict IEEE: a NaN or inf in x must be seen, not assumed away
 def quantize_rows(x, packed, largest, stored):
     """Each row of x in blocks of 32 codes round(x / d) (halves away from zero, gguf's
     np_roundf) with d = max|x| / largest, into its record of packed (QuantizedRows). With
@@ -461,7 +462,9 @@ def quantize_rows(x, packed, largest, stored):
     codes, the scale stored as a half); with 32767 int16 codes and a float32 scale. Per block,
     `stored` lanes each: the scale d (every lane); minus the sums of its first and last 16
     codes in the first lane of each half (zeros elsewhere; with one lane, unused); d times the
-    sum of its codes in the first lane (zeros elsewhere)."""
+    sum of its codes in the first lane (zeros elsewhere). A block holding a NaN or an infinity
+    gets a NaN scale, so that the row's dot products are NaN, as float32 arithmetic's would be
+    (the engine's non-finite check then names the layer)."""
     rows, width = x.shape
     blocks, half = width // BLOCK, stored // 2
     code_bytes = width if largest == 127 else 2 * width
@@ -475,11 +478,13 @@ def quantize_rows(x, packed, largest, stored):
             np.float32
         )
         for b in range(blocks):
-            top = np.float32(0)
+            top, finite = np.float32(0), True
             for j in range(BLOCK):
-                top = max(top, abs(x[m, b * BLOCK + j]))
-            d = top / np.float32(largest)
-            inverse = np.float32(1) / d if d != 0 else np.float32(0)
+                value = x[m, b * BLOCK + j]
+                finite = finite and np.isfinite(value)
+                top = max(top, abs(value))
+            d = top / np.float32(largest) if finite else np.float32(np.nan)
+            inverse = np.float32(1) / d if finite and d != 0 else np.float32(0)
             first = total = 0
             for j in range(BLOCK):
                 v = x[m, b * BLOCK + j] * inverse
