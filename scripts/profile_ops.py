@@ -9,8 +9,8 @@ Usage: NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python scripts/profile_ops.py 
 `--clock wall` is what a user sees, and the one to use for several threads.
 
 `--workload batch|mix` instead runs scripts/compare_peers.py's workload of that name through
-`LLM.generate` and splits each op's time by the rows of its call (1-2: the 16-bit integer path;
-3 to MAX_KERNEL_ROWS: the decode kernels; more: prefill, dequantize + BLAS); `--kernel-rows N`
+`LLM.generate` and splits each op's time by the rows of its call (1-2: the 16-bit integer path
+by default; 3 to MAX_KERNEL_ROWS: the decode kernels; more: prefill, dequantize + BLAS); `--kernel-rows N`
 sets MAX_KERNEL_ROWS for the run (nanovllm/backends/cpu.py), to find the crossover in the engine.
 """
 
@@ -50,19 +50,7 @@ def main() -> None:
     from nanovllm.models import load_model
 
     model = load_model(args.model, device=args.device, quantization=args.quantization)
-    spent: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
-    for name in OPS:
-        op = getattr(model.backend, name)
-
-        def timed(*a, _op=op, _name=name, **k):
-            start = clock()
-            result = _op(*a, **k)
-            spent[_name] += clock() - start
-            calls[_name] += 1
-            return result
-
-        setattr(model.backend, name, timed)
+    spent, calls = time_ops(model.backend, clock, lambda name, rows: name)
     prompt = model.tokenizer.encode(
         "The history of the printing press begins in the fifteenth century"
     )
@@ -81,6 +69,25 @@ def main() -> None:
     print(f"  {'other':16s} {(total - sum(spent.values()) / args.tokens) * 1e3:7.2f} ms/token")
 
 
+def time_ops(backend, clock, key) -> tuple[collections.Counter, collections.Counter]:
+    """Wraps each op of OPS on the backend: seconds and calls, counted under key(op, rows)."""
+    spent: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for name in OPS:
+        op = getattr(backend, name)
+
+        def timed(*a, _op=op, _name=name, **k):
+            start = clock()
+            result = _op(*a, **k)
+            label = key(_name, a[0].shape[0])
+            spent[label] += clock() - start
+            calls[label] += 1
+            return result
+
+        setattr(backend, name, timed)
+    return spent, calls
+
+
 def profile_workload(args: argparse.Namespace, clock) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from compare_peers import workload
@@ -94,24 +101,11 @@ def profile_workload(args: argparse.Namespace, clock) -> None:
     backend = llm.engine.runner.backend
     from nanovllm.backends.cpu import MAX_KERNEL_ROWS
 
-    spent: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
+    def bucket(name: str, rows: int) -> str:
+        size = "1-2" if rows <= 2 else f"3-{MAX_KERNEL_ROWS}" if rows <= MAX_KERNEL_ROWS else "more"
+        return f"{name} ({size} rows)"
 
-    def bucket(rows: int) -> str:
-        return "1-2" if rows <= 2 else f"3-{MAX_KERNEL_ROWS}" if rows <= MAX_KERNEL_ROWS else "more"
-
-    for name in OPS:
-        op = getattr(backend, name)
-
-        def timed(*a, _op=op, _name=name, **k):
-            start = clock()
-            result = _op(*a, **k)
-            key = f"{_name} ({bucket(a[0].shape[0])} rows)"
-            spent[key] += clock() - start
-            calls[key] += 1
-            return result
-
-        setattr(backend, name, timed)
+    spent, calls = time_ops(backend, clock, bucket)
     prompts, outputs = workload(args.workload, llm.engine.model_config.vocab_size)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # compiles, warms caches

@@ -122,10 +122,11 @@ class CPUBackend(ReferenceBackend):
         quantized = None  # x in blocks of integer codes, made once for the parts that take it
         integer = x.shape[0] <= MAX_INTEGER_ROWS[self.activations]
         for part, column in zip(weight.parts, weight.columns, strict=True):
-            chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
             if x.shape[0] > MAX_KERNEL_ROWS:
                 self._tiled_matmul(part, x, out, column)
-            elif integer and part.kernels.integer is not None:
+                continue
+            chunks = min(part.shape[0], CHUNKS_PER_THREAD * self.threads.num_threads)
+            if integer and part.kernels.integer is not None:
                 quantized = quantized or QuantizedRows(x, self.activations)
                 quantized.matmul(part.kernels.integer, part.data, out, column, chunks)
             else:
